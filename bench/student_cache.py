@@ -1,0 +1,74 @@
+"""Student stage-1 epoch time with and without the cached teacher targets.
+
+    .venv/bin/python bench/student_cache.py [--domain books] [--threads 1]
+
+Both runs train the same student (quickstart: MiniLM-L6 teacher -> 2 layers, 300 reviews, 128
+tokens) for one stage-1 epoch. "recompute" runs the frozen teacher inside every step; "cached"
+reads its fp16 hidden/attention targets from disk. It also reports the one-time cost of building
+the cache. It prints a table and writes bench/results/student_cache.json (target: >= 2x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--domain", default="books")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a student task's CPUs)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from metakd_ray.config import load_config
+    from metakd_ray.data import prepare
+    from metakd_ray.distill import StudentJob, compute_teacher_targets, distill_student
+    from metakd_ray.models import build_teacher, save_model
+    from metakd_ray.prototypes import compute_prototype_scores
+
+    out = Path("outputs/bench-cache").resolve()
+    cfg = load_config("quickstart", [f"output_dir={out}", "distill.stage1_epochs=1", "distill.stage2_epochs=0"])
+    data = prepare(cfg, quiet=True)
+    scores = compute_prototype_scores(cfg, data, quiet=True)
+    # Timing does not depend on the teacher's weights: an untrained meta-teacher suffices.
+    teacher = build_teacher(cfg.model.teacher, len(data.labels), len(data.domains))
+    teacher_dir = out / "teacher"
+    save_model(teacher, teacher_dir, {"kind": "meta"})
+    job = StudentJob("meta_kd", args.domain)
+
+    timings = {}
+    for mode, internals in (("recompute", False), ("cached", True)):
+        path = out / f"targets-{mode}.safetensors"
+        path.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        compute_teacher_targets(cfg, data, teacher, args.domain, scores, internals, path)
+        build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        r = distill_student(cfg, data, job, teacher_dir, path, log=lambda *_: None)["result"]
+        timings[mode] = {"build_seconds": build, "epoch_seconds": time.perf_counter() - t0, "steps": r["steps"],
+                         "cache_bytes": path.stat().st_size}
+
+    speedup = timings["recompute"]["epoch_seconds"] / timings["cached"]["epoch_seconds"]
+    print(f"{'mode':<12}{'one-time build s':>18}{'stage-1 epoch s':>18}{'steps':>8}{'cache MB':>10}")
+    for mode, t in timings.items():
+        print(f"{mode:<12}{t['build_seconds']:>18.1f}{t['epoch_seconds']:>18.1f}{t['steps']:>8}"
+              f"{t['cache_bytes'] / 1e6:>10.1f}")
+    print(f"speed-up with cache: {speedup:.2f}x   (target >= 2x)")
+    result = {"domain": args.domain, "threads": args.threads, "timings": timings, "speedup": speedup,
+              "target_speedup": 2.0, "cpus": os.cpu_count()}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "student_cache.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS / 'student_cache.json'}")
+
+
+if __name__ == "__main__":
+    main()

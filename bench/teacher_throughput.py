@@ -1,0 +1,117 @@
+"""Teacher training throughput: the Ray Train loop vs a plain single-process PyTorch loop.
+
+    .venv/bin/python bench/teacher_throughput.py [--steps 40] [--threads 2]
+
+Both loops run the same model (MiniLM-L6 meta-teacher), the same data (quickstart Amazon
+slice, 128 tokens), the same batches and the same `train_step`, with the same torch thread count.
+The Ray side is a 1-worker TorchTrainer (DDP wrapper included) and reports samples/s over its
+training steps; the plain side is timed the same way. It prints a table and writes
+bench/results/teacher_throughput.json. The target is ratio >= 0.95; this script reports, never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+RESULTS = Path(__file__).parent / "results"
+
+
+def plain_loop(settings: dict, train, weights: np.ndarray, steps: int) -> float:
+    from metakd_ray.models import build_teacher
+    from metakd_ray.teacher import train_step
+    from metakd_ray.training import batch_at, epoch_order, make_optimizer, seed_everything
+
+    torch.set_num_threads(settings["threads"])
+    seed_everything(settings["seed"])
+    model = build_teacher(settings["model_name"], settings["num_labels"], settings["num_domains"], settings["dropout"])
+    model.train()
+    optimizer, scheduler = make_optimizer(model, settings["lr"], settings["weight_decay"], steps,
+                                          settings["warmup_fraction"])
+    tensors, w = train.tensors(), torch.tensor(weights)
+    bs = settings["batch_size"]
+    per_epoch = len(train) // bs
+    start, samples = time.perf_counter(), 0
+    for step in range(steps):
+        epoch, pos = divmod(step, per_epoch)
+        index = epoch_order(len(train), settings["seed"], epoch)[pos * bs:(pos + 1) * bs]
+        train_step(model, optimizer, scheduler, batch_at(tensors, index), w[index], settings, step, 0)
+        samples += len(index)
+    return samples / (time.perf_counter() - start)
+
+
+def ray_loop(settings: dict, train, dev, weights: np.ndarray, storage: Path) -> float:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from metakd_ray.teacher import train_loop_per_worker
+
+    config = dict(settings, train=ray.put(train), dev=ray.put(dev), weights=ray.put(weights), run=None)
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=config, torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": settings["threads"]}),
+        run_config=RunConfig(name=f"bench-{int(time.time())}", storage_path=str(storage)),
+    )
+    return trainer.fit().metrics["train/samples_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+
+    import ray
+
+    from metakd_ray.config import load_config
+    from metakd_ray.data import prepare
+    from metakd_ray.prototypes import compute_prototype_scores
+    from metakd_ray.teacher import loop_settings
+
+    out = Path("outputs/bench-throughput").resolve()
+    cfg = load_config("quickstart", [f"output_dir={out}", f"teacher.batch_size={args.batch_size}",
+                                     "teacher.num_workers=1", f"teacher.cpus_per_worker={args.threads}"])
+    data = prepare(cfg, quiet=True)
+    scores = compute_prototype_scores(cfg, data, quiet=True)
+    train = data.splits["train"]
+    train = train.take(np.arange(args.steps * args.batch_size) % len(train))  # exactly `steps` batches
+    weights = np.array([scores[u] for u in train.uids], dtype=np.float32)
+    dev = data.splits["dev"].take(np.arange(8))  # one tiny evaluation at the end, outside the timed window
+    settings = loop_settings(cfg, data, "meta")
+    settings.update(epochs=1.0, eval_every=10**9)
+
+    plain = plain_loop(settings, train, weights, args.steps)
+    ray.init(num_cpus=args.threads, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    try:
+        on_ray = ray_loop(settings, train, dev, weights, out / "ray")
+    finally:
+        ray.shutdown()
+
+    result = {"steps": args.steps, "batch_size": args.batch_size, "threads": args.threads,
+              "max_length": cfg.data.max_length, "plain_samples_per_s": plain, "ray_train_samples_per_s": on_ray,
+              "ratio_ray_over_plain": on_ray / plain, "target_ratio": 0.95,
+              "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
+                          "torch": torch.__version__, "ray": ray.__version__}}
+    print(f"{'loop':<28}{'samples/s':>12}")
+    print(f"{'plain PyTorch (1 process)':<28}{plain:>12.2f}")
+    print(f"{'Ray Train (1 worker, DDP)':<28}{on_ray:>12.2f}")
+    print(f"{'ratio Ray / plain':<28}{on_ray / plain:>12.3f}   (target >= 0.95)")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "teacher_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS / 'teacher_throughput.json'}")
+
+
+if __name__ == "__main__":
+    main()

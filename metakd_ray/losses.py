@@ -1,0 +1,128 @@
+"""Meta-KD losses as pure tensor functions (no models, Ray or MLflow).
+
+Per-instance functions return a tensor of shape [B] (reduction "none") so that the λ weights of
+meta-distillation really weight instances (spec §4d, pitfall 10), not only the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+def weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Prototype-weighted classification loss (spec §3b): L_T1 = (1/B) Σ_i t_i · CE(z_i, y_i)."""
+    return (weights * F.cross_entropy(logits, labels, reduction="none")).mean()
+
+
+def shuffled_domain_ce(domain_logits: torch.Tensor, domains: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Corrupted-domain loss of the authors' code (decision 3 default), per instance:
+
+        z̃ = domains[π] for a fresh random permutation π of the batch,
+        ℓ_i = CE(domain_logits_i, z̃_i)
+
+    Minimised by everything (no gradient reversal); its optimum is the batch's domain marginal.
+    """
+    perm = torch.randperm(len(domains), generator=generator)
+    return F.cross_entropy(domain_logits, domains[perm], reduction="none")
+
+
+def uniform_domain_kl(domain_logits: torch.Tensor) -> torch.Tensor:
+    """Confusion variant: ℓ_i = KL(U_K ‖ softmax(domain_logits_i)) = -log K - (1/K) Σ_k log p_ik."""
+    log_p = domain_logits.log_softmax(-1)
+    k = domain_logits.shape[-1]
+    return -(log_p.mean(-1)) - torch.log(torch.tensor(float(k)))
+
+
+def grl_domain_ce(domain_logits: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
+    """DANN variant: ℓ_i = CE(domain_logits_i, k_i) on the true domain. The model applies
+    ``grad_reverse`` before the domain branch, so the encoder maximises what the head minimises."""
+    return F.cross_entropy(domain_logits, domains, reduction="none")
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.scale * grad, None
+
+
+def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by -scale on the way back (DANN's GRL)."""
+    return _GradReverse.apply(x, scale)
+
+
+# --------------------------------------------------------------------------- student
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """Prediction distillation per instance (spec §4c), no τ² factor:
+
+        ℓ_i = - Σ_c softmax(z^T_i / τ)_c · log softmax(z^S_i / τ)_c
+    """
+    target = (teacher_logits.float() / temperature).softmax(-1)
+    return -(target * (student_logits / temperature).log_softmax(-1)).sum(-1)
+
+
+def hidden_mse(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor],
+               projection: torch.nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden-state + embedding distillation per instance (spec §4b/§4c):
+
+        ℓ_i = Σ_j mean_{l real, d} ( (H^S_j W_fit)_{i,l,d} - H^T_{map(j)}_{i,l,d} )²
+
+    ``student_hidden[j]`` is already paired with ``teacher_hidden[j]`` by the layer map; j = 0 is
+    the embedding output (the embedding loss). One projection W_fit is shared by all layers.
+    Padding positions are masked out so the loss does not depend on how a batch is padded.
+    """
+    mask = attention_mask.to(student_hidden[0].dtype).unsqueeze(-1)  # [B, L, 1]
+    denom = mask.sum((1, 2)) * teacher_hidden[0].shape[-1]
+    total = 0.0
+    for hs, ht in zip(student_hidden, teacher_hidden):
+        diff = (projection(hs) - ht.to(hs.dtype)) ** 2 * mask
+        total = total + diff.sum((1, 2)) / denom
+    return total
+
+
+def attention_mse(student_attn: list[torch.Tensor], teacher_attn: list[torch.Tensor],
+                  attention_mask: torch.Tensor) -> torch.Tensor:
+    """Attention distillation per instance (spec §4c, decision 7):
+
+        ℓ_i = Σ_j mean_{h, q real, k real} ( A^S_j - A^T_{map(j)} )²_{i,h,q,k}
+
+    A are pre-softmax scores (or probabilities) of shape [B, heads, L, L]; entries at padded
+    positions are left out (TinyBERT sets them to 0 on both sides).
+    """
+    m = attention_mask.to(student_attn[0].dtype)
+    pair = (m.unsqueeze(2) * m.unsqueeze(1)).unsqueeze(1)  # [B, 1, L, L]
+    denom = pair.sum((1, 2, 3)) * student_attn[0].shape[1]
+    total = 0.0
+    for a_s, a_t in zip(student_attn, teacher_attn):
+        diff = (a_s - a_t.to(a_s.dtype)) ** 2 * pair
+        total = total + diff.sum((1, 2, 3)) / denom
+    return total
+
+
+def domain_vector_mse(student_vec: torch.Tensor, teacher_vec: torch.Tensor) -> torch.Tensor:
+    """Transferable-knowledge distillation per instance (spec §4c): ℓ_i = mean_d (h_d^S - h_d^T)²_{i,d}."""
+    return ((student_vec - teacher_vec.to(student_vec.dtype)) ** 2).mean(-1)
+
+
+def intermediate_loss(lam: torch.Tensor, hidden: torch.Tensor, attention: torch.Tensor, domain: torch.Tensor,
+                      gamma2: float, hidden_weight: float = 1.0, attention_weight: float = 1.0) -> torch.Tensor:
+    """Stage-1 objective of meta-distillation (spec §4d, decision 6), from per-instance terms:
+
+        L_1 = mean_i[ λ_i (w_h·hidn_i + w_a·attn_i) ] + γ2 · mean_i(λ_i) · mean_i(tkd_i)
+
+    With λ ≡ 1 and γ2 = 0 this is TinyBERT's intermediate-layer loss.
+    """
+    per_instance = lam * (hidden_weight * hidden + attention_weight * attention)
+    return per_instance.mean() + gamma2 * lam.mean() * domain.mean()

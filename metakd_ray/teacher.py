@@ -1,0 +1,321 @@
+"""Stage 1: the meta-teacher, trained by a Ray Train ``TorchTrainer`` (DDP over gloo/nccl).
+
+    metakd-ray teacher quickstart                      # local Ray, 2 workers
+    metakd-ray teacher amazon teacher.kind=mix         # the paper's BERT-mix baseline
+    ray job submit --working-dir . -- metakd-ray teacher amazon teacher.num_workers=4 teacher.use_gpu=true
+
+Loss per batch (spec §3b, decisions 3-4):
+
+    L_T = mean_i t_i·CE(z_i, y_i) + γ1·mean_i ℓ^dom_i        (or mean_i t_i·(CE + γ1·ℓ^dom) with
+                                                           teacher.weight_domain_loss=true)
+
+Kinds: ``meta`` (t weights + domain loss), ``mix`` (all domains, plain CE), ``single`` (one teacher
+per domain, plain CE). ``train_loop_per_worker`` reads top to bottom; Ray appears only at its edges
+(context, checkpoint restore, report). Every ``teacher.eval_every`` steps rank 0 evaluates each
+domain's dev set and reports ``val/<domain>/acc`` and ``val/mean_acc`` with a checkpoint (model,
+optimiser, scheduler, step, RNG); the best checkpoint by ``val/mean_acc`` becomes the teacher.
+A restarted worker group resumes from the latest checkpoint; re-running the command resumes an
+unfinished run (same Ray run name) and does nothing for a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from metakd_ray import losses
+from metakd_ray.config import Config, model_path
+from metakd_ray.data import PreparedData, Split
+from metakd_ray.errors import MetaKDError
+from metakd_ray.io import atomic_dir, atomic_write_json, read_json
+from metakd_ray.models import build_teacher, save_model
+from metakd_ray.tracking import RunRef, flatten, open_run
+from metakd_ray.training import accuracy_by_domain, batch_at, epoch_order, make_optimizer, seed_everything
+
+
+# --------------------------------------------------------------------------- the training loop
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    # [1] Where am I, and what do I train on.
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    train: Split = ray.get(config["train"])
+    dev: Split = ray.get(config["dev"])
+    weights = torch.tensor(ray.get(config["weights"]))
+    run: RunRef | None = config["run"] if rank == 0 else None
+
+    # [2] Model, optimiser, schedule.
+    seed_everything(config["seed"])
+    model = build_teacher(config["model_name"], config["num_labels"], config["num_domains"], config["dropout"])
+    model = ray.train.torch.prepare_model(model)
+    core = getattr(model, "module", model)
+    global_batch, local_batch = config["batch_size"], config["batch_size"] // world
+    steps_per_epoch = max(1, len(train) // global_batch)  # drop the last partial batch
+    total_steps = max(1, int(round(config["epochs"] * steps_per_epoch)))
+    optimizer, scheduler = make_optimizer(model, config["lr"], config["weight_decay"], total_steps,
+                                          config["warmup_fraction"])
+
+    # [3] Resume from the latest checkpoint if Ray restarted us (or the run is being resumed).
+    step, best = 0, {"acc": -1.0, "step": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            step, best = _load_training_state(Path(d), core, optimizer, scheduler, rank)
+        print(f"[teacher] rank {rank} resumed at step {step}/{total_steps}", flush=True)
+    else:
+        torch.manual_seed(config["seed"] + rank)
+
+    tensors = train.tensors()
+    domains = config["domains"]
+    model.train()
+    window_start, window_samples = time.perf_counter(), 0
+    while step < total_steps:
+        # [4] The batch of this step is a pure function of (seed, step): resumes replay it exactly.
+        epoch, position = divmod(step, steps_per_epoch)
+        order = epoch_order(len(train), config["seed"], epoch)
+        index = order[position * global_batch:(position + 1) * global_batch][rank::world][:local_batch]
+        loss, ce, domain_term = train_step(model, optimizer, scheduler, batch_at(tensors, index), weights[index],
+                                           config, step, rank)
+        step += 1
+        window_samples += len(index) * world
+
+        if run and step % config["log_every"] == 0:
+            run.log_metrics({"train/loss": loss.item(), "train/ce": ce.mean().item(),
+                             "train/domain_loss": domain_term.mean().item(),
+                             "train/lr": scheduler.get_last_lr()[0]}, step)
+
+        # [5] Evaluate, checkpoint and report (every worker reports; only rank 0 has a checkpoint).
+        if step % config["eval_every"] == 0 or step == total_steps:
+            throughput = window_samples / (time.perf_counter() - window_start)
+            metrics = {"step": step, "epoch": step / steps_per_epoch, "train/loss": loss.item(),
+                       "train/samples_per_s": throughput}
+            checkpoint_dir = None
+            if rank == 0:
+                acc = accuracy_by_domain(core, dev, domains)
+                metrics.update({f"val/{d}/acc": a for d, a in acc.items()})
+                metrics["val/mean_acc"] = float(np.mean(list(acc.values())))
+                if metrics["val/mean_acc"] > best["acc"]:
+                    best = {"acc": metrics["val/mean_acc"], "step": step}
+                metrics.update({"best/mean_acc": best["acc"], "best/step": best["step"]})
+                checkpoint_dir = Path(tempfile.mkdtemp(prefix="metakd-ckpt-"))
+                _save_training_state(checkpoint_dir, core, optimizer, scheduler, step, best)
+                if run:
+                    run.log_metrics({k: v for k, v in metrics.items() if k not in ("step",)}, step)
+                print(f"[teacher] step {step}/{total_steps} loss {loss.item():.4f} val/mean_acc "
+                      f"{metrics['val/mean_acc']:.4f} ({throughput:.1f} samples/s)", flush=True)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+                             if checkpoint_dir else None)
+            if checkpoint_dir:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            window_start, window_samples = time.perf_counter(), 0
+
+
+def train_step(model, optimizer, scheduler, b: dict, t: torch.Tensor, config: dict, step: int, rank: int):
+    """One optimisation step of the teacher objective; returns (loss, per-instance CE, domain term)."""
+    kind, gamma1 = config["domain_loss"], config["gamma1"]
+    out = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"],
+                grl_scale=1.0 if kind == "grl" else 0.0)
+    ce = F.cross_entropy(out.logits, b["labels"], reduction="none")
+    domain_term = _domain_loss(kind, out.domain_logits, b["domain_ids"], config["seed"], step, rank)
+    if config["weight_domain_loss"]:
+        loss = (t * (ce + gamma1 * domain_term)).mean()
+    else:
+        loss = (t * ce).mean() + gamma1 * domain_term.mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
+    optimizer.step()
+    scheduler.step()
+    return loss, ce, domain_term
+
+
+def _domain_loss(kind: str, domain_logits, domain_ids, seed: int, step: int, rank: int):
+    if kind == "shuffled":
+        # A fresh in-batch permutation every step, reproducible from (seed, step, rank).
+        g = torch.Generator().manual_seed(seed * 7919 + step * 31 + rank)
+        return losses.shuffled_domain_ce(domain_logits, domain_ids, g)
+    if kind == "uniform":
+        return losses.uniform_domain_kl(domain_logits)
+    return losses.grl_domain_ce(domain_logits, domain_ids)
+
+
+def _save_training_state(directory: Path, model, optimizer, scheduler, step: int, best: dict) -> None:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state()}, directory / "training_state.pt")
+    (directory / "state.json").write_text(json.dumps({"step": step, "best": best}))
+
+
+def _load_training_state(directory: Path, model, optimizer, scheduler, rank: int):
+    model.load_state_dict(load_file(directory / "model.safetensors"))
+    state = torch.load(directory / "training_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    info = json.loads((directory / "state.json").read_text())
+    if rank == 0:
+        torch.set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(info["step"] * 1000 + rank)
+    return info["step"], info["best"]
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def teacher_objective(cfg: Config, kind: str) -> dict:
+    """Effective loss settings of a teacher kind (mix and single are plain CE baselines)."""
+    meta = kind == "meta"
+    return {"use_weights": meta and cfg.teacher.use_prototype_weights,
+            "domain_loss": cfg.teacher.domain_loss,
+            "gamma1": cfg.teacher.domain_loss_weight if meta else 0.0,
+            "weight_domain_loss": meta and cfg.teacher.weight_domain_loss}
+
+
+def loop_settings(cfg: Config, data: PreparedData, kind: str) -> dict:
+    """Everything ``train_loop_per_worker`` needs besides the data and the MLflow run."""
+    t = cfg.teacher
+    return {"threads": t.cpus_per_worker, "seed": cfg.seed, "model_name": cfg.model.teacher,
+            "num_labels": len(data.labels), "num_domains": len(data.domains), "dropout": cfg.model.dropout,
+            "domains": data.domains, "batch_size": t.batch_size, "epochs": t.epochs, "lr": t.lr,
+            "weight_decay": t.weight_decay, "warmup_fraction": t.warmup_fraction, "max_grad_norm": t.max_grad_norm,
+            "eval_every": t.eval_every, "log_every": 5, **teacher_objective(cfg, kind)}
+
+
+def teacher_name(kind: str, domain: str = "") -> str:
+    return f"single-{domain}" if kind == "single" else kind
+
+
+def teacher_key(cfg: Config, data: PreparedData, kind: str, domain: str = "") -> str:
+    import hashlib
+
+    blob = json.dumps([data.key, cfg.hash("model", "teacher", "prototypes", "seed"), cfg.data.held_out_domain,
+                       kind, domain], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kind: str, domain: str = "",
+                  parent: RunRef | None = None, fresh: bool = False) -> dict:
+    """Train (or resume, or reuse) one teacher; returns its ``result.json`` content."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    name = teacher_name(kind, domain)
+    key = teacher_key(cfg, data, kind, domain)
+    out_dir = cfg.out / "teachers" / name
+    run_name = f"teacher-{name}-{key}"
+    storage = storage_path(cfg)
+    if fresh:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        if not storage.startswith(("s3://", "gs://")):
+            shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
+    done = read_json(out_dir / "result.json")
+    if done and done.get("key") == key and (out_dir / "model").is_dir():
+        print(f"[teacher] {name}: already trained (key {key}), dev mean acc {done['dev_mean_acc']:.4f}; skipping")
+        return done
+
+    # [1] What this teacher trains on.
+    domain_ids = ([data.domain_id(domain)] if kind == "single"
+                  else [data.domain_id(d) for d in cfg.teacher_domains])
+    train = data.splits["train"].for_domains(domain_ids)
+    dev = data.splits["dev"].for_domains(domain_ids)
+    objective = teacher_objective(cfg, kind)
+    weights = (np.array([scores[u] for u in train.uids], dtype=np.float32) if objective["use_weights"]
+               else np.ones(len(train), dtype=np.float32))
+    if len(train) < cfg.teacher.batch_size:
+        raise MetaKDError(f"teacher {name}: {len(train)} training examples is fewer than "
+                          f"teacher.batch_size={cfg.teacher.batch_size}")
+
+    # [2] MLflow: a child run of the pipeline, found again on resume.
+    run = open_run(cfg, f"teacher/{name}/{key}", f"teacher-{name}", "teacher", parent,
+                   {"metakd.teacher_kind": kind, "metakd.domain": domain or "all"})
+    run.log_params(flatten(dict(cfg.to_dict(), effective=objective)))
+
+    # [3] Launch the worker group.
+    init_ray(cfg)
+    tcfg = cfg.teacher
+    loop_config = dict(loop_settings(cfg, data, kind), train=ray.put(train), dev=ray.put(dev),
+                       weights=ray.put(weights), run=run)
+    print(f"[teacher] {name}: {len(train)} examples over {len(domain_ids)} domain(s), "
+          f"{tcfg.num_workers} worker(s), Ray run {run_name} in {storage}", flush=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
+                                     resources_per_worker={"CPU": tcfg.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=tcfg.num_to_keep, checkpoint_score_attribute="val/mean_acc",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=tcfg.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        run.finish("FAILED")
+        raise
+
+    # [4] The best checkpoint becomes the teacher: evaluate it on every domain, save it atomically.
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val/mean_acc"])
+    model = build_teacher(cfg.model.teacher, len(data.labels), len(data.domains), cfg.model.dropout)
+    with best_ckpt.as_directory() as d:
+        model.load_state_dict(load_file(Path(d) / "model.safetensors"))
+    eval_ids = domain_ids if kind == "single" else list(range(len(data.domains)))
+    dev_acc = accuracy_by_domain(model, data.splits["dev"].for_domains(eval_ids), data.domains)
+    test_acc = accuracy_by_domain(model, data.splits["test"].for_domains(eval_ids), data.domains)
+    summary = {
+        "key": key, "kind": kind, "domain": domain, "run_id": run.run_id, "best_step": best_metrics["step"],
+        "dev_mean_acc": float(np.mean([dev_acc[data.domains[i]] for i in domain_ids])),
+        "per_domain": {d: {"dev_acc": dev_acc[d], "test_acc": test_acc[d]} for d in dev_acc},
+        "samples_per_s": result.metrics.get("train/samples_per_s"),
+    }
+    with atomic_dir(out_dir / "model") as tmp:
+        save_model(model, tmp, {"kind": kind, "domains": data.domains, "labels": data.labels,
+                                "dropout": cfg.model.dropout}, tokenizer_from=model_path(cfg.model.teacher))
+    atomic_write_json(out_dir / "result.json", summary)
+    run.log_metrics({f"final/{d}/{s}": v for d, r in summary["per_domain"].items() for s, v in r.items()})
+    run.log_artifacts(out_dir / "model", "model")
+    run.finish()
+    print(f"[teacher] {name}: best step {summary['best_step']}, dev mean acc {summary['dev_mean_acc']:.4f}")
+    return summary
+
+
+def storage_path(cfg: Config) -> str:
+    if cfg.ray.storage_path:
+        return cfg.ray.storage_path
+    path = cfg.out / "ray"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def init_ray(cfg: Config) -> None:
+    """Connect to ``ray.address`` / ``$RAY_ADDRESS``, or start a local Ray on 127.0.0.1."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    if address is None:
+        # The dashboard hosts the state API that Ray Train's cleanup polls; keep it on loopback.
+        kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+    ray.init(address=address, **kwargs)

@@ -1,0 +1,176 @@
+"""Meta-distillation: the plain-PyTorch student loop, the teacher-output cache, the Ray fan-out,
+results.json against MLflow, and a killed driver that resumes only the missing domains."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from metakd_ray import losses
+from metakd_ray.config import load_config
+from metakd_ray.data import prepare
+from metakd_ray.distill import StudentJob, compute_teacher_targets, distill_student
+from metakd_ray.models import build_student, build_teacher, load_model, save_model
+from metakd_ray.prototypes import compute_prototype_scores
+from metakd_ray.training import batch_at
+
+
+@pytest.fixture
+def prepared(tiny_config):
+    cfg = load_config(str(tiny_config()))
+    data = prepare(cfg, quiet=True)
+    scores = compute_prototype_scores(cfg, data, quiet=True)
+    teacher = build_teacher(cfg.model.teacher, 2, len(data.domains))
+    return cfg, data, scores, teacher
+
+
+def test_cached_teacher_targets_match_a_live_teacher(prepared, tmp_path):
+    cfg, data, scores, teacher = prepared
+    path = compute_teacher_targets(cfg, data, teacher, "books", scores, True, tmp_path / "t.safetensors")
+    cached = load_file(path)
+    split = data.splits["train"].for_domains([data.domain_id("books")])
+    assert cached["logits"].shape == (len(split), 2)
+    assert cached["hidden.0"].dtype == torch.float16 and "attention.2" in cached  # 2-layer teacher, 1-layer student
+    # lambda is per instance, in (1 + t) * [1/(1+e), 1/2]
+    lam, t = cached["lambda"], cached["t"]
+    assert torch.all(lam <= (1 + t) * 0.5 + 1e-6) and torch.all(lam >= (1 + t) / (1 + torch.e) - 1e-6)
+    assert lam.std() > 0
+
+    teacher.eval()
+    b = batch_at(split.tensors(), list(range(8)))
+    with torch.no_grad():
+        live = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"], internals=True)
+    width = b["input_ids"].shape[1]
+    assert torch.allclose(cached["hidden.2"][:8, :width].float(), live.hidden_states[2], atol=2e-2)
+    assert torch.allclose(cached["attention.2"][:8, :, :width, :width].float(), live.attention_scores[1], atol=5e-2)
+    assert torch.allclose(cached["logits"][:8], live.logits, atol=1e-4)
+
+
+def test_student_is_the_teachers_first_layers_and_round_trips(prepared, tmp_path):
+    cfg, data, scores, teacher = prepared
+    student = build_student(cfg.model.teacher, "", 1, 384, 2, len(data.domains))
+    assert student.num_layers == 1
+    assert torch.equal(student.encoder.encoder.layer[0].attention.self.query.weight,
+                       teacher.encoder.encoder.layer[0].attention.self.query.weight)
+    assert torch.equal(student.projection.weight, torch.eye(384))
+    save_model(student, tmp_path / "s", {"kind": "student"})
+    loaded, info = load_model(tmp_path / "s")
+    assert info["projection_dim"] == 384
+    b = batch_at(data.splits["dev"].tensors(), [0, 1, 2])
+    student.eval(), loaded.eval()
+    with torch.no_grad():
+        a = student(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"])
+        c = loaded(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"])
+    assert torch.allclose(a.logits, c.logits, atol=1e-5)
+
+
+def test_attention_scores_hook_matches_eager_attention(prepared):
+    _, data, _, teacher = prepared
+    from transformers import AutoModel
+
+    eager = AutoModel.from_pretrained(str(teacher.encoder.name_or_path), attn_implementation="eager").eval()
+    teacher.eval()
+    b = batch_at(data.splits["dev"].tensors(), [0, 1])
+    with torch.no_grad():
+        ours = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"], internals=True)
+        ref = eager(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                    token_type_ids=b["token_type_ids"], output_attentions=True)
+    bias = (1 - b["attention_mask"][:, None, None, :].float()) * -1e9
+    probs = (ours.attention_scores[0] + bias).softmax(-1)
+    assert torch.allclose(probs, ref.attentions[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["meta_kd", "no_kd"])
+def test_distill_student_without_ray(prepared, tmp_path, method):
+    cfg, data, scores, teacher = prepared
+    save_model(teacher, tmp_path / "teacher", {"kind": "meta"})
+    targets = None
+    if method != "no_kd":
+        targets = compute_teacher_targets(cfg, data, teacher, "kitchen", scores, True, tmp_path / "t.safetensors")
+    out = distill_student(cfg, data, StudentJob(method, "kitchen"), tmp_path / "teacher", targets)
+    r = out["result"]
+    assert 0.0 <= r["dev_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0
+    assert r["steps"] == (12 if method == "meta_kd" else 6)  # 48 examples / batch 8, 1 epoch per stage
+    assert r["params"] < sum(p.numel() for p in teacher.encoder.parameters())
+    assert r["history"] and all(h["stage"] in ("stage2", "no_kd") for h in r["history"])
+
+
+def test_uncached_path_gives_the_same_stage1_objective(prepared, tmp_path):
+    """Training without the fp16 cache (teacher in the loop) optimises the same loss."""
+    cfg, data, scores, teacher = prepared
+    save_model(teacher, tmp_path / "teacher", {"kind": "meta"})
+    with_cache = compute_teacher_targets(cfg, data, teacher, "books", scores, True, tmp_path / "a.safetensors")
+    without = compute_teacher_targets(cfg, data, teacher, "books", scores, False, tmp_path / "b.safetensors")
+    assert "hidden.0" not in load_file(without)
+    job = StudentJob("meta_kd", "books")
+    cfg.distill.stage2_epochs = 0.0001  # stage 1 only matters here
+    a = distill_student(cfg, data, job, tmp_path / "teacher", with_cache)["model"]
+    b = distill_student(cfg, data, job, tmp_path / "teacher", without)["model"]
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=5e-3), name
+
+
+@pytest.mark.ray
+def test_run_pipeline_results_agree_with_mlflow(ray_local, tiny_config, capsys):
+    from metakd_ray.cli import main
+
+    config = tiny_config()
+    assert main(["run", str(config), "--methods", "meta_kd,no_kd,tinybert_kd(meta)"]) == 0
+    out = capsys.readouterr().out
+    cfg = load_config(str(config))
+    results = json.loads((cfg.out / "results.json").read_text())
+    assert results["domains"] == ["books", "kitchen"]
+    assert set(results["students"]) == {"meta_kd", "no_kd", "tinybert_kd(meta)"}
+    assert set(results["teacher"]["meta"]) == {"books", "kitchen"}
+    assert "meta_kd" in out and "mean" in out  # the printed table
+
+    client = MlflowClient(results["mlflow"]["tracking_uri"])
+    parent = results["mlflow"]["parent_run_id"]
+    children = client.search_runs([results["mlflow"]["experiment_id"]],
+                                  f"tags.`mlflow.parentRunId` = '{parent}' and tags.`metakd.stage` = 'student'")
+    assert len(children) == 6
+    for method, per in results["students"].items():
+        for domain, r in per.items():
+            run = client.get_run(r["run_id"])
+            assert run.data.tags["metakd.method"] == method and run.data.tags["metakd.domain"] == domain
+            assert run.data.metrics["final/test_acc"] == pytest.approx(r["test_acc"])
+            assert run.data.metrics["final/dev_acc"] == pytest.approx(r["dev_acc"])
+            assert any(a.path == "model/model.safetensors" for a in client.list_artifacts(r["run_id"], "model"))
+            assert (cfg.out / "students" / method / domain / "model" / "config.json").is_file()
+    # both KD methods share one teacher pass per domain
+    assert len(list((cfg.out / "teacher_outputs" / "meta").glob("*.safetensors"))) == 2
+
+
+def test_killed_driver_reruns_only_missing_students(tiny_config, tmp_path):
+    config = tiny_config(distill={"cpus_per_task": 2})  # one student at a time
+    cfg = load_config(str(config))
+    cmd = [sys.executable, "-m", "metakd_ray.cli", "run", str(config), "--methods", "no_kd"]
+    env = dict(os.environ, RAY_ADDRESS="")
+    log = tmp_path / "first.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and not list((cfg.out / "students").glob("*/*/result.json")):
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = list((cfg.out / "students").glob("*/*/result.json"))
+    assert len(finished) == 1, log.read_text()[-3000:]
+    first_mtime = finished[0].stat().st_mtime_ns
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    done_domain = finished[0].parent.name
+    assert f"no_kd/{done_domain}: already done" in second.stdout
+    assert "1 student(s) on Ray" in second.stdout
+    assert finished[0].stat().st_mtime_ns == first_mtime
+    results = json.loads((cfg.out / "results.json").read_text())
+    assert set(results["students"]["no_kd"]) == {"books", "kitchen"}

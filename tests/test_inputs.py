@@ -1,0 +1,274 @@
+"""Config and data: real splits of the real data, caching, and every malformed input -> one error line, exit 2."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import AMAZON, MNLI, slice_reviews
+from metakd_ray.cli import main
+from metakd_ray.config import load_config
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error(code, err, *needles):
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------- real data
+
+
+def test_prepare_amazon_paper_protocol(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("METAKD_DATA_ROOT", str(AMAZON.parent))
+    code, out, _ = run_cli(capsys, "prepare", "amazon", f"output_dir={tmp_path}")
+    assert code == 0
+    summary = json.loads((tmp_path / "splits.json").read_text())
+    assert summary["domains"] == ["books", "dvd", "electronics", "kitchen"]
+    assert summary["texts_in_two_splits"] == 0
+    for domain, per in summary["counts"].items():
+        # ~1620/180/200 before removing the 147 duplicate reviews
+        assert 1560 <= per["train"]["total"] <= 1640, (domain, per)
+        assert 170 <= per["dev"]["total"] <= 185
+        assert 190 <= per["test"]["total"] <= 200
+        for split in ("train", "dev", "test"):
+            assert abs(per[split]["positive"] - per[split]["negative"]) <= 0.05 * per[split]["total"] + 1
+    assert "books" in out and "texts in two splits: 0" in out
+
+    # a second prepare with the same inputs re-tokenizes nothing
+    cache = next((tmp_path / "cache").glob("data-*"))
+    mtime = (cache / "train.parquet").stat().st_mtime_ns
+    code, out, _ = run_cli(capsys, "prepare", "amazon", f"output_dir={tmp_path}")
+    assert code == 0 and "reusing tokenized splits" in out
+    assert (cache / "train.parquet").stat().st_mtime_ns == mtime
+    # a different max length is a different cache entry
+    code, out, _ = run_cli(capsys, "prepare", "amazon", f"output_dir={tmp_path}", "data.max_length=64")
+    assert code == 0 and "tokenized" in out and len(list((tmp_path / "cache").glob("data-*"))) == 2
+
+
+def test_prepare_mnli_groups_by_premise(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("METAKD_DATA_ROOT", str(MNLI.parent))
+    code, _, _ = run_cli(capsys, "prepare", "mnli", f"output_dir={tmp_path}", "data.domains=[fiction,travel]",
+                         "data.max_length=64")
+    assert code == 0
+    import pyarrow.parquet as pq
+
+    cache = next((tmp_path / "cache").glob("data-*"))
+    premises = {s: set(pq.read_table(cache / f"{s}.parquet").column("text").to_pylist()) for s in ("train", "dev", "test")}
+    assert not premises["train"] & premises["test"] and not premises["train"] & premises["dev"]
+    counts = json.loads((tmp_path / "splits.json").read_text())["counts"]
+    assert set(counts) == {"fiction", "travel"}
+    assert counts["fiction"]["train"]["total"] > 3000
+
+
+def test_generic_csv_loader(tmp_path, capsys):
+    rows = ["review,stars,shop"] + [f"text number {i},{'good' if i % 2 else 'bad'},{'a' if i < 30 else 'b'}"
+                                    for i in range(60)]
+    (tmp_path / "d.csv").write_text("\n".join(rows))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'out'}\ndata:\n  format: csv\n  root: {tmp_path}\n  path: d.csv\n"
+                   "  domains: [a, b]\n  labels: [bad, good]\n  text_column: review\n  label_column: stars\n"
+                   "  domain_column: shop\n")
+    code, out, err = run_cli(capsys, "prepare", str(cfg))
+    assert code == 0, err
+    counts = json.loads((tmp_path / "out" / "splits.json").read_text())["counts"]
+    assert counts["a"]["train"]["total"] + counts["a"]["dev"]["total"] + counts["a"]["test"]["total"] == 30
+
+
+def test_validate_prints_resolved_config_with_overrides(capsys):
+    code, out, _ = run_cli(capsys, "validate", "quickstart", "teacher.epochs=2", "distill.temperature=2")
+    assert code == 0 and "epochs: 2.0" in out and "temperature: 2.0" in out
+    cfg = load_config("quickstart", ["data.held_out_domain=dvd"])
+    assert cfg.teacher_domains == ["books", "electronics", "kitchen"]
+
+
+# --------------------------------------------------------------------------- bad config
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("teacher.epoch=3", ["teacher.epoch", "unknown"]),
+    ("teacher.lr=fast", ["teacher.lr", "expected a number"]),
+    ("teacher.domain_loss_weight=-0.5", ["teacher.domain_loss_weight", ">= 0"]),
+    ("distill.domain_weight=-1", ["distill.domain_weight", ">= 0"]),
+    ("model.student_layers=8", ["model.student_layers", "deeper than the teacher"]),
+    ("model.layer_map=[2,4,6]", ["model.layer_map", "expected 2 entries"]),
+    ("model.layer_map=[4,2]", ["model.layer_map", "increasing"]),
+    ("model.student_layers=4", ["model.layer_map", "divisible"]),
+    ("data.domains=[books,toys]", ["data.domains", "toys"]),
+    ("data.held_out_domain=toys", ["data.held_out_domain"]),
+    ("teacher.domain_loss=adversarial", ["teacher.domain_loss", "shuffled"]),
+    ("teacher.batch_size=15", ["teacher.batch_size", "divisible"]),
+    ("data.test_fraction=1.5", ["data.test_fraction"]),
+    ("model.teacher=/no/such/model", ["model.teacher", "/no/such/model"]),
+    ("model.student_init=./missing-student", ["model.student_init", "missing-student"]),
+    ("distill.methods=[meta_kd,magic]", ["distill.methods", "magic"]),
+    ("teacher=3", ["teacher", "expected a mapping"]),
+    ("noequals", ["override", "key=value"]),
+])
+def test_bad_config_values(capsys, override, needles):
+    code, _, err = run_cli(capsys, "validate", "quickstart", override)
+    assert_one_error(code, err, *needles)
+
+
+def test_bad_config_files(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    assert_one_error(*run_cli(capsys, "validate", str(bad))[::2], "bad.yaml", "YAML")
+    assert_one_error(*run_cli(capsys, "validate", "no_such_preset")[::2], "no_such_preset", "quickstart")
+    bad.write_text("- a\n- b\n")
+    assert_one_error(*run_cli(capsys, "validate", str(bad))[::2], "mapping")
+
+
+# --------------------------------------------------------------------------- bad data
+
+
+def amazon_copy(tmp_path: Path, n: int = 20) -> Path:
+    root = tmp_path / "amazon"
+    for domain in ("books", "kitchen"):
+        for label in ("positive", "negative"):
+            slice_reviews(AMAZON / domain / f"{label}.review", root / domain / f"{label}.review", n)
+    return root
+
+
+def prepare_amazon(capsys, root: Path, out: Path, *extra):
+    return run_cli(capsys, "prepare", "quickstart", f"data.root={root}", "data.path=", f"output_dir={out}",
+                   "data.domains=[books,kitchen]", "data.max_length=32", *extra)
+
+
+@pytest.fixture
+def prepared_out(tmp_path, capsys):
+    """An output directory holding a finished prepare, to check that failures never overwrite it."""
+    root = amazon_copy(tmp_path)
+    out = tmp_path / "out"
+    code, _, err = prepare_amazon(capsys, root, out)
+    assert code == 0, err
+    return root, out, (out / "splits.json").read_bytes()
+
+
+def _corrupt_and_check(capsys, root, out, before, needles, *extra):
+    code, _, err = prepare_amazon(capsys, root, out, *extra)
+    assert_one_error(code, err, *needles)
+    assert (out / "splits.json").read_bytes() == before
+
+
+def test_truncated_review_file(prepared_out, capsys):
+    root, out, before = prepared_out
+    f = root / "books" / "positive.review"
+    f.write_text(f.read_text()[:-400])
+    _corrupt_and_check(capsys, root, out, before, ["positive.review", "truncated"])
+
+
+def test_review_without_text(prepared_out, capsys):
+    root, out, before = prepared_out
+    f = root / "kitchen" / "negative.review"
+    text = f.read_text()
+    start, end = text.index("<review_text>"), text.index("</review_text>")
+    f.write_text(text[:start] + "<review_text>\n  \n" + text[end:])
+    _corrupt_and_check(capsys, root, out, before, ["negative.review", "review 1", "no <review_text>"])
+
+
+def test_non_utf8_review_file(prepared_out, capsys):
+    root, out, before = prepared_out
+    f = root / "books" / "negative.review"
+    f.write_bytes(f.read_bytes()[:100] + b"\xff\xfe" + f.read_bytes()[100:])
+    _corrupt_and_check(capsys, root, out, before, ["negative.review", "UTF-8", "byte 100"])
+
+
+def test_empty_domain_file(prepared_out, capsys):
+    root, out, before = prepared_out
+    (root / "kitchen" / "positive.review").write_text("")
+    _corrupt_and_check(capsys, root, out, before, ["kitchen/positive.review", "no <review> blocks"])
+
+
+def test_missing_domain_directory(prepared_out, capsys):
+    root, out, before = prepared_out
+    shutil.rmtree(root / "kitchen")
+    _corrupt_and_check(capsys, root, out, before, ["kitchen", "no directory"])
+
+
+def test_missing_data_root(tmp_path, capsys):
+    code, _, err = prepare_amazon(capsys, tmp_path / "nowhere", tmp_path / "out")
+    assert_one_error(code, err, "nowhere", "METAKD_DATA_ROOT")
+
+
+def test_too_few_examples(tmp_path, capsys):
+    root = amazon_copy(tmp_path, n=3)
+    code, _, err = prepare_amazon(capsys, root, tmp_path / "out")
+    assert_one_error(code, err, "books", "at least 10")
+
+
+def _table_config(tmp_path, fmt, path, **extra):
+    lines = [f"output_dir: {tmp_path / 'out'}", "data:", f"  format: {fmt}", f"  root: {tmp_path}",
+             f"  path: {path}", "  domains: [a, b]", "  labels: [bad, good]"]
+    lines += [f"  {k}: {v}" for k, v in extra.items()]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("\n".join(lines) + "\n")
+    return str(cfg)
+
+
+def test_label_outside_label_set(tmp_path, capsys):
+    rows = ["text,label,domain"] + [f"t{i},{'good' if i % 2 else 'bad'},{'a' if i < 20 else 'b'}" for i in range(40)]
+    rows[7] = "t7,excellent,a"
+    (tmp_path / "d.csv").write_text("\n".join(rows))
+    code, _, err = run_cli(capsys, "prepare", _table_config(tmp_path, "csv", "d.csv"))
+    assert_one_error(code, err, "d.csv row 7", "'excellent'", "label set")
+
+
+def test_missing_column(tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"body": f"t{i}", "label": "good", "domain": "a"})
+                                                for i in range(20)))
+    code, _, err = run_cli(capsys, "prepare", _table_config(tmp_path, "jsonl", "d.jsonl"))
+    assert_one_error(code, err, "d.jsonl", "missing column", "'text'")
+
+
+def test_unknown_domain_in_table(tmp_path, capsys):
+    rows = ["text,label,domain"] + [f"t{i},good,a" for i in range(20)]
+    (tmp_path / "d.csv").write_text("\n".join(rows))
+    code, _, err = run_cli(capsys, "prepare", _table_config(tmp_path, "csv", "d.csv"))
+    assert_one_error(code, err, "domain 'b'", "no rows")
+
+
+def test_malformed_parquet(tmp_path, capsys):
+    (tmp_path / "d.parquet").write_bytes(b"this is not parquet")
+    code, _, err = run_cli(capsys, "prepare", _table_config(tmp_path, "parquet", "d.parquet"))
+    assert_one_error(code, err, "d.parquet", "cannot be read as parquet")
+
+
+def test_mnli_tsv_bad_row_and_missing_column(tmp_path, capsys):
+    d = tmp_path / "mnli"
+    d.mkdir()
+    lines = (MNLI / "mnli_val.tsv").read_text().splitlines()[:200]
+    lines[5] = lines[5].rsplit("\t", 1)[0]  # drop the genre field
+    (d / "val.tsv").write_text("\n".join(lines))
+    args = ["prepare", "mnli", f"data.root={tmp_path}", "data.path=mnli", f"output_dir={tmp_path / 'out'}"]
+    code, _, err = run_cli(capsys, *args)
+    assert_one_error(code, err, "val.tsv line 6", "expected 4")
+    (d / "val.tsv").write_text("premise\thypothesis\tlabel\tgenre\n")
+    code, _, err = run_cli(capsys, *args)
+    assert_one_error(code, err, "val.tsv", "missing column")
+
+
+def test_missing_model_path_for_prepare(tmp_path, capsys):
+    root = amazon_copy(tmp_path)
+    code, _, err = prepare_amazon(capsys, root, tmp_path / "out", f"model.teacher={tmp_path / 'no-model'}")
+    assert_one_error(code, err, "model.teacher", "no-model")
+
+
+def test_cli_exit_code_through_console_script(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "metakd_ray.cli", "validate", "quickstart", "teacher.lr=-1"],
+                          capture_output=True, text=True, env=dict(os.environ))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: config key 'teacher.lr': expected a value > 0, got -1.0"

@@ -1,0 +1,116 @@
+"""The meta-teacher on a real local Ray: MLflow runs, resume, and a killed worker mid-training."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from metakd_ray.config import load_config
+from metakd_ray.data import prepare
+from metakd_ray.pipeline import run_pipeline
+from metakd_ray.prototypes import compute_prototype_scores
+from metakd_ray.teacher import teacher_key, train_teacher
+from metakd_ray.tracking import pipeline_run, tracking_uri
+
+pytestmark = pytest.mark.ray
+
+
+def _history(cfg, run_id, metric):
+    client = MlflowClient(tracking_uri(cfg))
+    return sorted(client.get_metric_history(run_id, metric), key=lambda m: (m.timestamp, m.step))
+
+
+def test_teacher_trains_logs_to_mlflow_and_skips_when_done(ray_local, tiny_config, capsys):
+    cfg = load_config(str(tiny_config()))
+    out = run_pipeline(cfg, ["meta_kd"], teachers_only=True)
+    summary = out["teachers"]["meta"]
+    assert set(summary["per_domain"]) == {"books", "kitchen"}
+    assert 0.0 <= summary["dev_mean_acc"] <= 1.0
+    assert (cfg.out / "teachers" / "meta" / "model" / "model.safetensors").is_file()
+
+    client = MlflowClient(tracking_uri(cfg))
+    run = client.get_run(summary["run_id"])
+    assert run.data.tags["metakd.stage"] == "teacher"
+    assert run.data.tags["metakd.config_hash"] == cfg.hash()
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["metakd.stage"] == "pipeline"
+    assert "teacher.domain_loss_weight" in run.data.params
+    steps = [m.step for m in _history(cfg, run.info.run_id, "val/mean_acc")]
+    assert steps == [4, 8, 12]  # 96 examples / batch 8 = 12 steps, eval every 4
+    assert "val/books/acc" in run.data.metrics and "train/samples_per_s" in run.data.metrics
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "model")]
+    assert "model/model.safetensors" in artifacts and "model/metakd_heads.safetensors" in artifacts
+
+    # Same command again: nothing to do, the same result, no new MLflow run.
+    capsys.readouterr()
+    again = run_pipeline(cfg, ["meta_kd"], teachers_only=True)
+    assert "already trained" in capsys.readouterr().out
+    assert again["teachers"]["meta"] == summary
+    runs = client.search_runs([run.info.experiment_id], "tags.`metakd.stage` = 'teacher'")
+    assert len(runs) == 1
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_config):
+    import ray
+    from ray.util.state import list_actors
+
+    cfg = load_config(str(tiny_config(teacher={"epochs": 8, "eval_every": 4, "max_failures": 2})))
+    data = prepare(cfg, quiet=True)
+    scores = compute_prototype_scores(cfg, data, quiet=True)
+    parent = pipeline_run(cfg)
+    storage = cfg.out / "ray" / f"teacher-meta-{teacher_key(cfg, data, 'meta')}"
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(r=train_teacher(cfg, data, scores, "meta", parent=parent)))
+    thread.start()
+    try:
+        # Wait for a checkpoint at step >= 8, then kill one training worker process.
+        deadline = time.time() + 240
+        while time.time() < deadline and len(list(storage.glob("checkpoint_*"))) < 2:
+            time.sleep(0.2)
+        assert len(list(storage.glob("checkpoint_*"))) >= 2, "no checkpoint appeared"
+        workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+        assert workers
+        os.kill(workers[-1].pid, signal.SIGKILL)
+    finally:
+        thread.join(timeout=600)
+    assert "r" in outcome, "training did not finish after the worker was killed"
+    total_steps = 8 * 12
+    steps = [m.step for m in _history(cfg, outcome["r"]["run_id"], "val/mean_acc")]
+    assert steps[-1] == total_steps
+    assert steps.count(4) == 1, f"training restarted from scratch: {steps}"
+    assert sorted(set(steps)) == list(range(4, total_steps + 1, 4))
+    dead = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "DEAD")])
+    assert len(dead) >= 1
+
+
+def test_interrupted_teacher_run_resumes_on_rerun(tiny_config, tmp_path):
+    """Kill the whole driver mid-training; the same command continues from the last checkpoint."""
+    config = tiny_config(teacher={"epochs": 8, "eval_every": 4})
+    cfg = load_config(str(config))
+    env = dict(os.environ, RAY_ADDRESS="")
+    cmd = [sys.executable, "-m", "metakd_ray.cli", "teacher", str(config)]
+    log = tmp_path / "first.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")):
+            time.sleep(0.5)
+        assert list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")), log.read_text()[-3000:]
+        time.sleep(2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)  # leftovers of the killed driver
+    assert not (cfg.out / "teachers" / "meta" / "result.json").exists()
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    text = second.stdout + second.stderr
+    assert "resumed at step" in text, text[-3000:]
+    assert (cfg.out / "teachers" / "meta" / "result.json").is_file()
