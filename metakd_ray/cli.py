@@ -5,6 +5,8 @@
     metakd-ray teacher  CONFIG [--fresh]           train the configured teacher kind on Ray Train
     metakd-ray distill  CONFIG [--methods ...]     one student per domain as parallel Ray tasks
     metakd-ray run      CONFIG [--methods ...]     the whole pipeline, writes results.json
+    metakd-ray sweep    CONFIG --space FILE        Ray Tune + Optuna search (tune_spaces/*.yaml)
+    metakd-ray doctor   CONFIG [--address ...]     PASS/FAIL checks of cluster, storage, MLflow, model, data
 
 CONFIG is a preset (quickstart, amazon, mnli) or a YAML path. Bad input exits with code 2 and one
 ``error:`` line naming the key or file.
@@ -39,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--methods", help="comma-separated methods or 'all' (default: distill.methods)")
         if name == "run":
             p.add_argument("--fresh", action="store_true", help="retrain the teachers from scratch")
+    p = command("doctor", "Check Ray, storage, MLflow, model and data for this config (PASS/FAIL lines).")
+    p.add_argument("--address", default=None, help="Ray address (default: ray.address, $RAY_ADDRESS or a local Ray)")
+    p = command("sweep", "Ray Tune + Optuna (+ ASHA) search over a space in tune_spaces/.")
+    p.add_argument("--space", required=True, help="search-space YAML, e.g. tune_spaces/distill.yaml")
+    p.add_argument("--trials", type=int, default=8, help="number of trials (default 8)")
+    p.add_argument("--concurrency", type=int, default=2, help="trials running at once (default 2)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.add_argument("--name", default="", help="sweep name (default: <space>-<config hash>)")
+    p.add_argument("--objective", default="accuracy", help="accuracy (default) or accuracy,latency (Pareto)")
+    p.add_argument("--no-asha", action="store_true", help="run every trial to the end")
     return parser
 
 
@@ -67,6 +79,17 @@ def _dispatch(args) -> int:
 
         prepare(cfg)
         print(f"splits: {cfg.out / 'splits.json'}")
+        return 0
+
+    if args.command == "doctor":
+        from metakd_ray.doctor import run_doctor
+
+        return 0 if run_doctor(cfg, args.address or cfg.ray.address or os.environ.get("RAY_ADDRESS")) else 1
+    if args.command == "sweep":
+        from metakd_ray.tune import sweep
+
+        sweep(cfg, args.space, args.trials, args.concurrency, resume=args.resume, name=args.name,
+              objective=args.objective, asha=not args.no_asha)
         return 0
 
     from metakd_ray.pipeline import resolve_methods, run_pipeline

@@ -110,6 +110,7 @@ class TeacherConfig:
     num_workers: int = 2
     cpus_per_worker: int = 1
     use_gpu: bool = False
+    placement_strategy: str = "PACK"  # SPREAD puts one worker per node where it can
     max_failures: int = 2
     num_to_keep: int = 2
 
@@ -213,6 +214,24 @@ def load_config(source: str, overrides: typing.Sequence[str] = ()) -> Config:
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
+
+
+def with_overrides(cfg: Config, values: dict) -> Config:
+    """A validated copy of ``cfg`` with dotted keys set, e.g. {"distill.temperature": 2.0}."""
+    raw = cfg.to_dict()
+    for key, value in values.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise MetaKDError(f"config key '{key}' is unknown")
+            node = node[part]
+        if leaf not in node:
+            raise MetaKDError(f"config key '{key}' is unknown")
+        node[leaf] = value
+    new = _build(Config, raw, "")
+    validate(new)
+    return new
 
 
 def preset_names() -> list[str]:
@@ -337,6 +356,7 @@ def validate(cfg: Config) -> None:
     _choice("prototypes.normalize", cfg.prototypes.normalize, ("mean", "none"))
     _choice("distill.attention_target", cfg.distill.attention_target, ATTENTION_TARGETS)
     _choice("distill.schedule", cfg.distill.schedule, SCHEDULES)
+    _choice("teacher.placement_strategy", cfg.teacher.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     for method in cfg.distill.methods:
         if method not in METHODS:
             raise MetaKDError(f"config key 'distill.methods': unknown method {method!r} (expected some of: {', '.join(METHODS)})")

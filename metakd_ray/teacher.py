@@ -257,7 +257,8 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
-                                     resources_per_worker={"CPU": tcfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": tcfg.cpus_per_worker},
+                                     placement_strategy=tcfg.placement_strategy),
         run_config=RunConfig(
             name=run_name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=tcfg.num_to_keep, checkpoint_score_attribute="val/mean_acc",

@@ -7,7 +7,6 @@ the Ray tests train a real pretrained model in seconds; the student is its first
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -100,5 +99,14 @@ def ray_local():
         ray.shutdown()
 
 
-def copytree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst)
+def kill_session(pid: int) -> None:
+    """SIGKILL every process of the session led by ``pid`` (a driver and the local Ray it started)."""
+    import signal
+
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == pid:
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass

@@ -3,12 +3,13 @@ results.json against MLflow, and a killed driver that resumes only the missing d
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
+
+from conftest import kill_session
 import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
@@ -161,7 +162,7 @@ def test_killed_driver_reruns_only_missing_students(tiny_config, tmp_path):
         while time.time() < deadline and not list((cfg.out / "students").glob("*/*/result.json")):
             time.sleep(0.2)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
         proc.wait()
     finished = list((cfg.out / "students").glob("*/*/result.json"))
     assert len(finished) == 1, log.read_text()[-3000:]

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import kill_session
 from mlflow import MlflowClient
 
 from metakd_ray.config import load_config
@@ -105,9 +107,8 @@ def test_interrupted_teacher_run_resumes_on_rerun(tiny_config, tmp_path):
         assert list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")), log.read_text()[-3000:]
         time.sleep(2)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
         proc.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)  # leftovers of the killed driver
     assert not (cfg.out / "teachers" / "meta" / "result.json").exists()
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

@@ -1,0 +1,408 @@
+"""Hyper-parameter search over the Meta-KD weights: Ray Tune + Optuna (seeded TPE) + ASHA.
+
+    metakd-ray sweep quickstart --space tune_spaces/distill.yaml --trials 16 --concurrency 2
+    metakd-ray sweep quickstart --space tune_spaces/distill.yaml --resume        # after a crash
+    metakd-ray sweep quickstart --space tune_spaces/distill.yaml --objective accuracy,latency
+
+A search space is a YAML file (see ``tune_spaces/``): a ``target`` (teacher | distill | joint) and
+``params`` mapping dotted config keys to distributions (uniform, loguniform, int, choice).
+
+- distill trials reuse the frozen meta-teacher and its cached outputs. They train the meta_kd
+  student of each domain in turn and report the running mean dev accuracy after every domain
+  (``domains_done`` is ASHA's time axis).
+- teacher trials follow the Train V2 pattern: the trial function fits a ``TorchTrainer`` whose
+  rank-0 reports reach Tune through ``TuneReportCallback``. ASHA's time axis is the step.
+- joint trials train a teacher, then its students.
+
+The objective is always dev accuracy, never test. The Optuna study lives in an RDB file beside
+the sweep (``optuna.db``), so it outlives the driver; ``--resume`` restores the Tuner and re-runs
+no finished trial. Outputs:
+
+- ``best.yaml``, the full config with the best parameters;
+- ``trials.csv``;
+- history and importance plots.
+
+The sweep is one MLflow parent run, with one child run per trial; the best trial is tagged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from metakd_ray.config import Config, dump_yaml, with_overrides
+from metakd_ray.errors import MetaKDError
+from metakd_ray.io import atomic_write_text
+from metakd_ray.tracking import RunRef, open_run
+
+TARGETS = ("teacher", "distill", "joint")
+SECTIONS = {"teacher": ("teacher", "prototypes"), "distill": ("distill", "model"),
+            "joint": ("teacher", "prototypes", "distill", "model")}
+TIME_ATTR = {"teacher": "step", "distill": "domains_done", "joint": "domains_done"}
+METRIC = {"teacher": "val/mean_acc", "distill": "mean_dev_acc", "joint": "mean_dev_acc"}
+
+
+@dataclass
+class SearchSpace:
+    path: Path
+    target: str
+    params: dict[str, dict]
+
+    def optuna(self) -> dict:
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        out = {}
+        for key, spec in self.params.items():
+            kind = spec["type"]
+            if kind == "choice":
+                out[key] = CategoricalDistribution(spec["values"])
+            elif kind == "int":
+                out[key] = IntDistribution(spec["low"], spec["high"])
+            else:
+                out[key] = FloatDistribution(float(spec["low"]), float(spec["high"]), log=kind == "loguniform")
+        return out
+
+
+def load_space(path: str, cfg: Config) -> SearchSpace:
+    """Read and validate a search-space YAML; every bound and choice must make a valid config."""
+    p = Path(path)
+    if not p.is_file():
+        raise MetaKDError(f"search space {path} not found (see tune_spaces/)")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise MetaKDError(f"search space {path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict) or set(raw) - {"target", "params"}:
+        raise MetaKDError(f"search space {path}: expected the keys 'target' and 'params'")
+    target = raw.get("target")
+    if target not in TARGETS:
+        raise MetaKDError(f"search space {path}: target must be one of {', '.join(TARGETS)}, got {target!r}")
+    params = raw.get("params")
+    if not isinstance(params, dict) or not params:
+        raise MetaKDError(f"search space {path}: 'params' must map config keys to distributions")
+    for key, spec in params.items():
+        where = f"search space {path} param '{key}'"
+        if key.split(".")[0] not in SECTIONS[target]:
+            raise MetaKDError(f"{where}: a {target} sweep searches only {', '.join(SECTIONS[target])}.* keys")
+        if not isinstance(spec, dict) or spec.get("type") not in ("uniform", "loguniform", "int", "choice"):
+            raise MetaKDError(f"{where}: expected {{type: uniform|loguniform|int|choice, ...}}, got {spec!r}")
+        if spec["type"] == "choice":
+            if not isinstance(spec.get("values"), list) or not spec["values"] or set(spec) != {"type", "values"}:
+                raise MetaKDError(f"{where}: choice needs a non-empty list 'values' (and nothing else)")
+            samples = spec["values"]
+        else:
+            low, high = spec.get("low"), spec.get("high")
+            number = int if spec["type"] == "int" else (int, float)
+            if set(spec) != {"type", "low", "high"} or not all(isinstance(v, number) and not isinstance(v, bool)
+                                                               for v in (low, high)):
+                raise MetaKDError(f"{where}: {spec['type']} needs numeric 'low' and 'high' (and nothing else)")
+            if not low < high:
+                raise MetaKDError(f"{where}: low ({low}) must be below high ({high})")
+            if spec["type"] == "loguniform" and low <= 0:
+                raise MetaKDError(f"{where}: loguniform needs low > 0, got {low}")
+            samples = [low, high]
+        for value in samples:
+            try:
+                with_overrides(cfg, {key: value})
+            except MetaKDError as exc:
+                raise MetaKDError(f"{where}: value {value!r} gives an invalid config ({exc})") from None
+    return SearchSpace(p, target, params)
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def _trial_run(base: Config, sweep_run: RunRef, params: dict) -> RunRef:
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    run = open_run(base, f"trial/{sweep_run.run_id}/{trial_id}", f"trial-{trial_id}", "trial", sweep_run,
+                   {"metakd.trial_id": trial_id})
+    run.log_params(params)
+    return run
+
+
+def distill_trial(params: dict, base: Config, data, teacher_dir: str, targets: dict, run_ref: RunRef) -> None:
+    """Train the meta_kd student of each domain in turn; report the running mean dev accuracy."""
+    import torch
+    from ray import tune
+
+    from metakd_ray.distill import StudentJob, distill_student
+
+    cfg = with_overrides(base, params)
+    torch.set_num_threads(cfg.distill.cpus_per_task)
+    run = _trial_run(base, run_ref, params)
+    _distill_domains(cfg, data, Path(teacher_dir), targets, run, tune.report, StudentJob, distill_student)
+    run.finish()
+
+
+def _distill_domains(cfg, data, teacher_dir: Path, targets: dict, run: RunRef, report, StudentJob, distill_student):
+    accs, latency = [], []
+    for i, domain in enumerate(cfg.data.domains, start=1):
+        r = distill_student(cfg, data, StudentJob("meta_kd", domain), teacher_dir, Path(targets[domain]))["result"]
+        accs.append(r["dev_acc"])
+        latency.append(r["latency_ms"])
+        metrics = {"mean_dev_acc": float(np.mean(accs)), f"dev_acc/{domain}": r["dev_acc"], "domains_done": i,
+                   "latency_ms": float(np.mean(latency)), "params": r["params"]}
+        run.log_metrics({k: v for k, v in metrics.items() if k != "domains_done"}, i)
+        report(metrics)
+
+
+def teacher_trial(params: dict, base: Config, data, embeddings, run_ref: RunRef, storage: str) -> None:
+    """Train Vs pattern: this trial function fits a TorchTrainer; rank 0's reports reach Tune."""
+    _fit_teacher_for_trial(params, base, data, embeddings, run_ref, storage, report_to_tune=True)
+
+
+def joint_trial(params: dict, base: Config, data, embeddings, run_ref: RunRef, storage: str) -> None:
+    """A teacher with the trial's parameters, then its meta_kd students (reported per domain)."""
+    import tempfile
+
+    import torch
+    from ray import tune
+
+    from metakd_ray.distill import StudentJob, compute_teacher_targets, distill_student
+
+    cfg, run, teacher_dir, scores = _fit_teacher_for_trial(params, base, data, embeddings, run_ref, storage,
+                                                           report_to_tune=False)
+    torch.set_num_threads(cfg.distill.cpus_per_task)
+    from metakd_ray.models import load_model
+
+    teacher, _ = load_model(teacher_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        targets = {d: str(compute_teacher_targets(cfg, data, teacher, d, scores, cfg.distill.cache_teacher_targets,
+                                                  Path(tmp) / f"{d}.safetensors")) for d in cfg.data.domains}
+        _distill_domains(cfg, data, teacher_dir, targets, run, tune.report, StudentJob, distill_student)
+    run.finish()
+
+
+def _fit_teacher_for_trial(params, base, data, embeddings, run_ref, storage, report_to_tune: bool):
+    import ray
+    from ray import tune
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from safetensors.torch import load_file
+
+    from metakd_ray.models import build_teacher, save_model
+    from metakd_ray.prototypes import scores_for
+    from metakd_ray.teacher import loop_settings, train_loop_per_worker
+
+    cfg = with_overrides(base, params)
+    run = _trial_run(base, run_ref, params)
+    t = scores_for(cfg, data, embeddings).numpy().astype(np.float32)
+    scores = dict(zip(data.splits["train"].uids, t.tolist()))
+    ids = [data.domain_id(d) for d in cfg.teacher_domains]
+    train = data.splits["train"].for_domains(ids)
+    settings = loop_settings(cfg, data, "meta")
+    weights = t[np.isin(data.splits["train"].domain_ids, ids)] if settings["use_weights"] else np.ones(len(train), np.float32)
+    trial_id = tune.get_context().get_trial_id()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=dict(settings, train=ray.put(train), dev=ray.put(data.splits["dev"].for_domains(ids)),
+                               weights=ray.put(weights), run=run),
+        torch_config=TorchConfig(backend="nccl" if cfg.teacher.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.teacher.num_workers, use_gpu=cfg.teacher.use_gpu,
+                                     resources_per_worker={"CPU": cfg.teacher.cpus_per_worker},
+                                     placement_strategy=cfg.teacher.placement_strategy),
+        run_config=RunConfig(name=f"sweep-teacher-{trial_id}", storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val/mean_acc"),
+                             callbacks=[TuneReportCallback()] if report_to_tune else None),
+    )
+    result = trainer.fit()
+    if report_to_tune:
+        run.finish()
+        return None
+    best, _ = max(result.best_checkpoints, key=lambda cm: cm[1]["val/mean_acc"])
+    model = build_teacher(cfg.model.teacher, len(data.labels), len(data.domains), cfg.model.dropout)
+    with best.as_directory() as d:
+        model.load_state_dict(load_file(Path(d) / "model.safetensors"))
+    teacher_dir = Path(storage) / f"sweep-teacher-{trial_id}" / "best_model"
+    save_model(model, teacher_dir, {"kind": "meta", "dropout": cfg.model.dropout})
+    return cfg, run, teacher_dir, scores
+
+
+# --------------------------------------------------------------------------- the sweep driver
+
+
+def sweep(cfg: Config, space_path: str, trials: int, concurrency: int, resume: bool = False, name: str = "",
+          objective: str = "accuracy", asha: bool = True) -> dict:
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from metakd_ray.data import prepare
+    from metakd_ray.pipeline import train_teachers
+    from metakd_ray.prototypes import compute_prototype_scores, embed
+    from metakd_ray.teacher import init_ray
+
+    space = load_space(space_path, cfg)
+    multi = objective == "accuracy,latency"
+    if objective not in ("accuracy", "accuracy,latency"):
+        raise MetaKDError(f"--objective: expected 'accuracy' or 'accuracy,latency', got {objective!r}")
+    if multi and space.target == "teacher":
+        raise MetaKDError("--objective accuracy,latency needs a distill or joint space (teachers have no student)")
+    if trials < 1 or concurrency < 1:
+        raise MetaKDError("--trials and --concurrency must be at least 1")
+    name = name or f"{space.path.stem}-{cfg.hash()[:6]}"
+    sweep_dir = cfg.out / "sweeps" / name
+    tune_dir = sweep_dir / "tune"
+    if sweep_dir.exists() and not resume:
+        raise MetaKDError(f"sweep {sweep_dir} already exists: pass --resume to continue it or --name for a new one")
+    if resume and not tune.Tuner.can_restore(str(tune_dir / "tuner")):
+        raise MetaKDError(f"--resume: no restorable sweep in {tune_dir / 'tuner'}")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(space.path, sweep_dir / "space.yaml")
+
+    # [1] Everything trials share is computed once, here.
+    data = prepare(cfg, quiet=True)
+    parent = open_run(cfg, f"sweep/{sweep_dir}", f"sweep-{name}", "sweep", None, {"metakd.space": space.path.name})
+    metric = METRIC[space.target]
+    init_ray(cfg)
+    if space.target == "distill":
+        scores = compute_prototype_scores(cfg, data, quiet=True)
+        teachers = train_teachers(cfg, data, scores, [("meta", "")], None)
+        targets = _shared_targets(cfg, data, teachers["meta"]["key"], scores)
+        trainable = tune.with_parameters(distill_trial, base=cfg, data=data,
+                                         teacher_dir=str(cfg.out / "teachers" / "meta" / "model"),
+                                         targets=targets, run_ref=parent)
+        trainable = tune.with_resources(trainable, {"CPU": cfg.distill.cpus_per_task, "GPU": cfg.distill.gpus_per_task})
+    else:
+        embeddings = embed(cfg, data.splits["train"], quiet=True)
+        fn = teacher_trial if space.target == "teacher" else joint_trial
+        trainable = tune.with_parameters(fn, base=cfg, data=data, embeddings=embeddings, run_ref=parent,
+                                         storage=str(sweep_dir / "teachers"))
+        trainable = tune.with_resources(trainable, {"CPU": 0.01})  # the workers hold the real resources
+
+    # [2] Searcher (persisted Optuna study) and scheduler.
+    storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")
+    metrics, modes = ([metric, "latency_ms"], ["max", "min"]) if multi else (metric, "max")
+    searcher = OptunaSearch(space=space.optuna(), metric=metrics, mode=modes, study_name=name, storage=storage,
+                            seed=cfg.seed,
+                            sampler=optuna.samplers.NSGAIISampler(seed=cfg.seed) if multi else None)
+    scheduler = None
+    if asha and not multi:
+        max_t = len(cfg.data.domains) if space.target != "teacher" else 10**9
+        scheduler = ASHAScheduler(time_attr=TIME_ATTR[space.target], max_t=max_t, grace_period=1, reduction_factor=2)
+    print(f"[sweep] {name}: {trials} trial(s) of {space.target} over {', '.join(space.params)}; "
+          f"concurrency {concurrency}, ASHA {'on' if scheduler else 'off'}; {sweep_dir}", flush=True)
+
+    # [3] Run (or restore) the Tuner.
+    if resume:
+        tuner = tune.Tuner.restore(str(tune_dir / "tuner"), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
+                                        max_concurrent_trials=concurrency,
+                                        **({} if multi else {"metric": metric, "mode": "max"})),
+            run_config=tune.RunConfig(name="tuner", storage_path=str(tune_dir), verbose=1),
+        )
+    grid = tuner.fit()
+
+    # [4] Report: trials table, best config, plots, MLflow.
+    return _summarize(cfg, space, name, sweep_dir, grid, metric, multi, parent)
+
+
+def _shared_targets(cfg: Config, data, teacher_key: str, scores: dict) -> dict:
+    """Teacher outputs per domain, computed once for every trial (Ray tasks, like `distill`)."""
+    import ray
+
+    from metakd_ray.distill import _targets_task, targets_path
+
+    remote = ray.remote(_targets_task).options(num_cpus=cfg.distill.cpus_per_task)
+    teacher_dir = str(cfg.out / "teachers" / "meta" / "model")
+    refs = {d: remote.remote(cfg, data, teacher_dir, d, scores, str(targets_path(cfg, teacher_key, "meta", d)))
+            for d in cfg.data.domains}
+    return {d: ray.get(r) for d, r in refs.items()}
+
+
+def _summarize(cfg, space, name, sweep_dir: Path, grid, metric: str, multi: bool, parent: RunRef) -> dict:
+    import optuna
+
+    time_attr = TIME_ATTR[space.target]
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        params = {k[len("config/"):]: v for k, v in m.items() if k.startswith("config/")} or \
+                 {k: (result.config or {}).get(k) for k in space.params}
+        rows.append({"trial_id": m.get("trial_id"), "status": "ERROR" if result.error else "DONE",
+                     metric: m.get(metric), "latency_ms": m.get("latency_ms"), time_attr: m.get(time_attr),
+                     **{k: (result.config or {}).get(k, params.get(k)) for k in space.params}})
+    finished = [r for r in rows if r[metric] is not None]
+    if not finished:
+        raise MetaKDError(f"sweep {name}: no trial reported {metric}; see {sweep_dir / 'tune'}")
+    # Early-stopped trials never saw every domain: rank complete trials first.
+    full = max(r[time_attr] or 0 for r in finished)
+    best = max(finished, key=lambda r: ((r[time_attr] or 0) >= full, r[metric]))
+    import pandas as pd
+
+    table = pd.DataFrame(rows).sort_values(metric, ascending=False, na_position="last")
+    atomic_write_text(sweep_dir / "trials.csv", table.to_csv(index=False))
+    best_cfg = with_overrides(cfg, {k: best[k] for k in space.params})
+    atomic_write_text(sweep_dir / "best.yaml",
+                      f"# best trial {best['trial_id']} of sweep {name}: {metric} = {best[metric]:.4f}\n"
+                      + dump_yaml(best_cfg))
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    plots = _plots(study, sweep_dir / "plots", multi)
+    pareto = []
+    if multi:
+        pareto = [{"params": t.params, "values": t.values} for t in study.best_trials]
+        atomic_write_text(sweep_dir / "pareto.json", json.dumps(pareto, indent=2))
+    print(table.to_string(index=False, max_colwidth=24))
+    print(f"[sweep] best trial {best['trial_id']}: {metric} {best[metric]:.4f} -> {sweep_dir / 'best.yaml'}")
+    parent.log_metrics({f"best/{metric}": best[metric], "trials": len(rows)})
+    parent.log_artifact(sweep_dir / "trials.csv")
+    parent.log_artifact(sweep_dir / "best.yaml")
+    for p in plots:
+        parent.log_artifact(p, "plots")
+    _tag_best(cfg, parent, best["trial_id"])
+    parent.finish()
+    trial_epochs = sum(r[time_attr] or 0 for r in rows)
+    return {"name": name, "dir": str(sweep_dir), "best": best, "trials": rows, "trial_epochs": trial_epochs,
+            "pareto": pareto, "parent_run_id": parent.run_id}
+
+
+def _tag_best(cfg: Config, parent: RunRef, trial_id: str) -> None:
+    client = parent.client()
+    for run in client.search_runs([client.get_run(parent.run_id).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.run_id}'"):
+        is_best = run.data.tags.get("metakd.trial_id") == trial_id
+        client.set_tag(run.info.run_id, "metakd.best", str(is_best).lower())
+
+
+def _plots(study, directory: Path, multi: bool) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    directory.mkdir(parents=True, exist_ok=True)
+    made = []
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    jobs = [("history.png", lambda: ovm.plot_optimization_history(study, target=(lambda t: t.values[0]) if multi else None))]
+    if len(complete) >= 2 and len({json.dumps(t.params, sort_keys=True, default=str) for t in complete}) >= 2:
+        jobs.append(("importance.png", lambda: ovm.plot_param_importances(
+            study, target=(lambda t: t.values[0]) if multi else None)))
+    if multi:
+        jobs.append(("pareto.png", lambda: ovm.plot_pareto_front(study)))
+    for filename, make in jobs:
+        try:
+            ax = make()
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.tight_layout()
+            fig.savefig(directory / filename, dpi=100)
+            plt.close(fig)
+            made.append(directory / filename)
+        except (ValueError, RuntimeError) as exc:  # e.g. importance with a constant objective
+            print(f"[sweep] skipped {filename}: {exc}")
+    return made

@@ -1,0 +1,190 @@
+"""Cluster operation: launcher YAMLs against Ray's schema, the job upload's excludes, and real
+`ray job submit` runs on a local two-node cluster, one of them losing a node mid-training."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def test_aws_launcher_config_is_valid_and_a_broken_key_fails():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((REPO / "clusters" / "aws.yaml").read_text())
+    validate_config(prepare_config(cfg))
+    import ray
+
+    assert cfg["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-py311")
+    assert "aws_access_key_id" not in (REPO / "clusters" / "aws.yaml").read_text().lower()
+    broken = yaml.safe_load((REPO / "clusters" / "aws.yaml").read_text())
+    broken["available_node_types"]["gpu_spot"]["min_worker"] = 1  # typo of min_workers
+    with pytest.raises(Exception, match="min_worker"):
+        validate_config(prepare_config(broken))
+
+
+def test_kuberay_rayjob_matches_the_pins():
+    import ray
+
+    job = yaml.safe_load((REPO / "clusters" / "kuberay-rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
+    assert job["spec"]["entrypoint"].startswith("metakd-ray run")
+    images = [c["image"] for g in [job["spec"]["rayClusterSpec"]["headGroupSpec"]]
+              + job["spec"]["rayClusterSpec"]["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
+    assert all(i.startswith(f"rayproject/ray:{ray.__version__}-py311") for i in images)
+
+
+def test_job_upload_sends_code_only(tmp_path):
+    """Package the repo the way `ray job submit --working-dir .` does, with our excludes."""
+    from ray._private.runtime_env.packaging import create_package
+
+    excludes = yaml.safe_load((REPO / "clusters" / "job-runtime-env.yaml").read_text())["excludes"]
+    # data, checkpoints and stores that a user may have lying around in the repo
+    planted = [REPO / "outputs" / "planted" / "model.safetensors", REPO / "outputs" / "planted" / "mlflow.db",
+               REPO / "planted.review"]
+    for p in planted:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x" * 1024)
+    try:
+        target = tmp_path / "pkg.zip"
+        create_package(str(REPO), target, excludes=excludes)
+        names = zipfile.ZipFile(target).namelist()
+    finally:
+        for p in planted:
+            p.unlink()
+        (REPO / "outputs" / "planted").rmdir()
+    assert "metakd_ray/cli.py" in names and "pyproject.toml" in names
+    for bad in (".git/", ".venv/", "outputs/"):
+        assert not any(n.startswith(bad) for n in names), bad
+    assert not any(n.endswith((".safetensors", ".db", ".review", ".tsv")) for n in names)
+    assert target.stat().st_size < 5 * 2**20
+
+
+# --------------------------------------------------------------------------- real local cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _raylet_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "ray/core/src/ray/raylet/raylet"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+class LocalCluster:
+    """`ray start` head + extra nodes on 127.0.0.1, always stopped by the fixture."""
+
+    def __init__(self, tmp: Path):
+        self.port, self.dashboard = _free_port(), _free_port()
+        self.env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{VENV_BIN}:{os.environ['PATH']}",
+                        HF_HUB_OFFLINE="1", RAY_ADDRESS="")
+        self.env.pop("RAY_ADDRESS")
+        self.temp = tmp
+
+    def ray(self, *args, check=True, timeout=120):
+        return subprocess.run([str(VENV_BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
+                              check=check, timeout=timeout)
+
+    def start_head(self, cpus: int):
+        self.ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard), "--num-cpus", str(cpus),
+                 "--disable-usage-stats", "--include-dashboard", "true")
+
+    def add_node(self, cpus: int, name: str) -> set[int]:
+        before = _raylet_pids()
+        self.ray("start", "--address", f"127.0.0.1:{self.port}", "--node-ip-address", "127.0.0.1",
+                 "--num-cpus", str(cpus), "--resources", json.dumps({name: 1}), "--disable-usage-stats")
+        return _raylet_pids() - before
+
+    def submit(self, *entrypoint, wait=True):
+        args = ["job", "submit", "--address", f"http://127.0.0.1:{self.dashboard}", "--working-dir", str(REPO),
+                "--runtime-env", str(REPO / "clusters" / "job-runtime-env.yaml")]
+        if not wait:
+            args.append("--no-wait")
+        return self.ray(*args, "--", *entrypoint, check=False, timeout=900)
+
+    def stop(self):
+        self.ray("stop", "--force", check=False)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = LocalCluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _tiny_job_config(tiny_config, **teacher):
+    return tiny_config(teacher=dict({"epochs": 2, "eval_every": 4}, **teacher), distill={"cpus_per_task": 1})
+
+
+@pytest.mark.cluster
+def test_job_submit_runs_the_pipeline_on_two_nodes(cluster, tiny_config):
+    from mlflow import MlflowClient
+
+    from metakd_ray.config import load_config
+
+    cluster.start_head(cpus=2)
+    cluster.add_node(cpus=2, name="wnode")
+    config = _tiny_job_config(tiny_config)
+    proc = cluster.submit("metakd-ray", "run", str(config), "--methods", "meta_kd,no_kd")
+    assert proc.returncode == 0 and "SUCCEEDED" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-4000:]
+    cfg = load_config(str(config))
+    results = json.loads((cfg.out / "results.json").read_text())
+    assert set(results["students"]) == {"meta_kd", "no_kd"}
+    client = MlflowClient(results["mlflow"]["tracking_uri"])
+    runs = client.search_runs([results["mlflow"]["experiment_id"]],
+                              f"tags.`mlflow.parentRunId` = '{results['mlflow']['parent_run_id']}'")
+    assert {r.data.tags["metakd.stage"] for r in runs} == {"teacher", "student"} and len(runs) == 5
+
+
+@pytest.mark.cluster
+def test_job_survives_losing_a_node_during_teacher_training(cluster, tiny_config):
+    from mlflow import MlflowClient
+
+    from metakd_ray.config import load_config
+
+    cluster.start_head(cpus=2)
+    node_raylets = cluster.add_node(cpus=2, name="wnode")
+    assert node_raylets
+    # SPREAD puts one of the two DDP workers on the second node
+    config = _tiny_job_config(tiny_config, epochs=8, placement_strategy="SPREAD", max_failures=3)
+    cfg = load_config(str(config))
+    job = subprocess.Popen([str(VENV_BIN / "ray"), "job", "submit", "--address",
+                            f"http://127.0.0.1:{cluster.dashboard}", "--working-dir", str(REPO), "--runtime-env",
+                            str(REPO / "clusters" / "job-runtime-env.yaml"), "--", "metakd-ray", "run", str(config),
+                            "--methods", "meta_kd"], env=cluster.env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and not list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")):
+            time.sleep(0.5)
+        assert list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")), "no checkpoint before the kill"
+        for pid in node_raylets:
+            os.kill(pid, 9)
+        out, _ = job.communicate(timeout=900)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0 and "SUCCEEDED" in out, out[-4000:]
+    results = json.loads((cfg.out / "results.json").read_text())
+    teacher_run = json.loads((cfg.out / "teachers" / "meta" / "result.json").read_text())["run_id"]
+    client = MlflowClient(results["mlflow"]["tracking_uri"])
+    steps = [m.step for m in sorted(client.get_metric_history(teacher_run, "val/mean_acc"), key=lambda m: m.timestamp)]
+    assert steps[-1] == 8 * 12 and steps.count(4) == 1, steps
