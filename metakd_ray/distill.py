@@ -297,7 +297,7 @@ def student_dir(cfg: Config, job: StudentJob) -> Path:
     return cfg.out / "students" / job.method / job.domain
 
 
-def _targets_task(cfg: Config, data: PreparedData, teacher_dir: str, domain: str, scores: dict, path: str) -> str:
+def targets_task(cfg: Config, data: PreparedData, teacher_dir: str, domain: str, scores: dict, path: str) -> str:
     torch.set_num_threads(cfg.distill.cpus_per_task)
     if not Path(path).is_file():
         teacher, _ = load_model(Path(teacher_dir))
@@ -310,7 +310,7 @@ def _student_task(cfg: Config, data: PreparedData, job: StudentJob, teacher_dir:
     """Ray task body: train one student, return its result and its saved files (cluster-safe)."""
     torch.set_num_threads(cfg.distill.cpus_per_task)  # reused workers keep the first import's count
     if targets and not Path(targets).is_file():  # the cache lives on another node: rebuild it here
-        _targets_task(cfg, data, teacher_dir, job.domain, scores, targets)
+        targets_task(cfg, data, teacher_dir, job.domain, scores, targets)
     out = distill_student(cfg, data, job, Path(teacher_dir) if teacher_dir else None,
                           Path(targets) if targets else None, run)
     import tempfile
@@ -354,7 +354,7 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
     d = cfg.distill
     options = {"num_cpus": d.cpus_per_task, "num_gpus": d.gpus_per_task, "max_retries": d.max_retries,
                "retry_exceptions": True}
-    targets_remote = ray.remote(_targets_task).options(**options)
+    targets_remote = ray.remote(targets_task).options(**options)
     student_remote = ray.remote(_student_task).options(**options)
     data_ref, scores_ref = ray.put(data), ray.put(scores)
     target_refs, pending = {}, {}

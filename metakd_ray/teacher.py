@@ -314,9 +314,10 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    if address:  # a cluster (or a `ray job submit` driver): its runtime env is the job's
+        ray.init(address=address)
+        return
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
-    kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
-    if address is None:
-        # The dashboard hosts the state API that Ray Train's cleanup polls; keep it on loopback.
-        kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
-    ray.init(address=address, **kwargs)
+    # The dashboard hosts the state API that Ray Train's cleanup polls; keep it on loopback.
+    ray.init(runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1")

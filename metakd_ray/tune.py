@@ -28,17 +28,20 @@ The sweep is one MLflow parent run, with one child run per trial; the best trial
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import optuna
 import yaml
+from ray.tune.search.optuna import OptunaSearch
 
 from metakd_ray.config import Config, dump_yaml, with_overrides
+from metakd_ray.distill import StudentJob, compute_teacher_targets, distill_student, targets_path, targets_task
 from metakd_ray.errors import MetaKDError
 from metakd_ray.io import atomic_write_text
+from metakd_ray.models import build_teacher, load_model, save_model
 from metakd_ray.tracking import RunRef, open_run
 
 TARGETS = ("teacher", "distill", "joint")
@@ -46,6 +49,24 @@ SECTIONS = {"teacher": ("teacher", "prototypes"), "distill": ("distill", "model"
             "joint": ("teacher", "prototypes", "distill", "model")}
 TIME_ATTR = {"teacher": "step", "distill": "domains_done", "joint": "domains_done"}
 METRIC = {"teacher": "val/mean_acc", "distill": "mean_dev_acc", "joint": "mean_dev_acc"}
+
+
+class PersistentOptunaSearch(OptunaSearch):
+    """OptunaSearch over an RDB study that outlives the driver. A trial that the study finished
+    just before the driver died is started again by the restored Tuner (and replays its stored
+    reports, see ``TrialLog``); the study keeps its first result instead of failing on the update."""
+
+    def on_trial_result(self, trial_id, result):
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        try:
+            super().on_trial_complete(trial_id, result, error)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
 
 
 @dataclass
@@ -118,6 +139,34 @@ def load_space(path: str, cfg: Config) -> SearchSpace:
 # --------------------------------------------------------------------------- trials
 
 
+class TrialLog:
+    """A trial's reports, kept in ``<sweep>/trials/<trial_id>.json`` once it has finished.
+
+    If the driver dies after a trial finished but before Tune's own snapshot recorded it, the
+    restored sweep starts that trial again; it then replays the stored reports instead of training.
+    """
+
+    def __init__(self, sweep_dir: str, trial_id: str):
+        self.path = Path(sweep_dir) / "trials" / f"{trial_id}.json"
+        self.reports: list[dict] = []
+
+    def replay(self, report) -> bool:
+        if not self.path.is_file():
+            return False
+        for metrics in json.loads(self.path.read_text()):
+            report(metrics)
+        return True
+
+    def report(self, metrics: dict) -> None:
+        from ray import tune
+
+        self.reports.append(metrics)
+        tune.report(metrics)
+
+    def finish(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.reports))
+
+
 def _trial_run(base: Config, sweep_run: RunRef, params: dict) -> RunRef:
     from ray import tune
 
@@ -128,21 +177,24 @@ def _trial_run(base: Config, sweep_run: RunRef, params: dict) -> RunRef:
     return run
 
 
-def distill_trial(params: dict, base: Config, data, teacher_dir: str, targets: dict, run_ref: RunRef) -> None:
+def distill_trial(params: dict, base: Config, data, teacher_dir: str, targets: dict, run_ref: RunRef,
+                  sweep_dir: str) -> None:
     """Train the meta_kd student of each domain in turn; report the running mean dev accuracy."""
     import torch
     from ray import tune
 
-    from metakd_ray.distill import StudentJob, distill_student
-
+    log = TrialLog(sweep_dir, tune.get_context().get_trial_id())
+    if log.replay(tune.report):
+        return
     cfg = with_overrides(base, params)
     torch.set_num_threads(cfg.distill.cpus_per_task)
     run = _trial_run(base, run_ref, params)
-    _distill_domains(cfg, data, Path(teacher_dir), targets, run, tune.report, StudentJob, distill_student)
+    _distill_domains(cfg, data, Path(teacher_dir), targets, run, log.report)
+    log.finish()
     run.finish()
 
 
-def _distill_domains(cfg, data, teacher_dir: Path, targets: dict, run: RunRef, report, StudentJob, distill_student):
+def _distill_domains(cfg, data, teacher_dir: Path, targets: dict, run: RunRef, report) -> None:
     accs, latency = [], []
     for i, domain in enumerate(cfg.data.domains, start=1):
         r = distill_student(cfg, data, StudentJob("meta_kd", domain), teacher_dir, Path(targets[domain]))["result"]
@@ -166,18 +218,18 @@ def joint_trial(params: dict, base: Config, data, embeddings, run_ref: RunRef, s
     import torch
     from ray import tune
 
-    from metakd_ray.distill import StudentJob, compute_teacher_targets, distill_student
-
+    log = TrialLog(str(Path(storage).parent), tune.get_context().get_trial_id())
+    if log.replay(tune.report):
+        return
     cfg, run, teacher_dir, scores = _fit_teacher_for_trial(params, base, data, embeddings, run_ref, storage,
                                                            report_to_tune=False)
     torch.set_num_threads(cfg.distill.cpus_per_task)
-    from metakd_ray.models import load_model
-
     teacher, _ = load_model(teacher_dir)
     with tempfile.TemporaryDirectory() as tmp:
         targets = {d: str(compute_teacher_targets(cfg, data, teacher, d, scores, cfg.distill.cache_teacher_targets,
                                                   Path(tmp) / f"{d}.safetensors")) for d in cfg.data.domains}
-        _distill_domains(cfg, data, teacher_dir, targets, run, tune.report, StudentJob, distill_student)
+        _distill_domains(cfg, data, teacher_dir, targets, run, log.report)
+    log.finish()
     run.finish()
 
 
@@ -189,7 +241,6 @@ def _fit_teacher_for_trial(params, base, data, embeddings, run_ref, storage, rep
     from ray.tune.integration.ray_train import TuneReportCallback
     from safetensors.torch import load_file
 
-    from metakd_ray.models import build_teacher, save_model
     from metakd_ray.prototypes import scores_for
     from metakd_ray.teacher import loop_settings, train_loop_per_worker
 
@@ -232,12 +283,8 @@ def _fit_teacher_for_trial(params, base, data, embeddings, run_ref, storage, rep
 
 def sweep(cfg: Config, space_path: str, trials: int, concurrency: int, resume: bool = False, name: str = "",
           objective: str = "accuracy", asha: bool = True) -> dict:
-    import optuna
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
     from metakd_ray.data import prepare
     from metakd_ray.pipeline import train_teachers
     from metakd_ray.prototypes import compute_prototype_scores, embed
@@ -272,7 +319,7 @@ def sweep(cfg: Config, space_path: str, trials: int, concurrency: int, resume: b
         targets = _shared_targets(cfg, data, teachers["meta"]["key"], scores)
         trainable = tune.with_parameters(distill_trial, base=cfg, data=data,
                                          teacher_dir=str(cfg.out / "teachers" / "meta" / "model"),
-                                         targets=targets, run_ref=parent)
+                                         targets=targets, run_ref=parent, sweep_dir=str(sweep_dir))
         trainable = tune.with_resources(trainable, {"CPU": cfg.distill.cpus_per_task, "GPU": cfg.distill.gpus_per_task})
     else:
         embeddings = embed(cfg, data.splits["train"], quiet=True)
@@ -284,7 +331,7 @@ def sweep(cfg: Config, space_path: str, trials: int, concurrency: int, resume: b
     # [2] Searcher (persisted Optuna study) and scheduler.
     storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")
     metrics, modes = ([metric, "latency_ms"], ["max", "min"]) if multi else (metric, "max")
-    searcher = OptunaSearch(space=space.optuna(), metric=metrics, mode=modes, study_name=name, storage=storage,
+    searcher = PersistentOptunaSearch(space=space.optuna(), metric=metrics, mode=modes, study_name=name, storage=storage,
                             seed=cfg.seed,
                             sampler=optuna.samplers.NSGAIISampler(seed=cfg.seed) if multi else None)
     scheduler = None
@@ -315,9 +362,7 @@ def _shared_targets(cfg: Config, data, teacher_key: str, scores: dict) -> dict:
     """Teacher outputs per domain, computed once for every trial (Ray tasks, like `distill`)."""
     import ray
 
-    from metakd_ray.distill import _targets_task, targets_path
-
-    remote = ray.remote(_targets_task).options(num_cpus=cfg.distill.cpus_per_task)
+    remote = ray.remote(targets_task).options(num_cpus=cfg.distill.cpus_per_task)
     teacher_dir = str(cfg.out / "teachers" / "meta" / "model")
     refs = {d: remote.remote(cfg, data, teacher_dir, d, scores, str(targets_path(cfg, teacher_key, "meta", d)))
             for d in cfg.data.domains}
@@ -325,8 +370,6 @@ def _shared_targets(cfg: Config, data, teacher_key: str, scores: dict) -> dict:
 
 
 def _summarize(cfg, space, name, sweep_dir: Path, grid, metric: str, multi: bool, parent: RunRef) -> dict:
-    import optuna
-
     time_attr = TIME_ATTR[space.target]
     rows = []
     for result in grid:
@@ -383,7 +426,6 @@ def _plots(study, directory: Path, multi: bool) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import optuna
     from optuna.visualization import matplotlib as ovm
 
     directory.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ def tiny_amazon(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from metakd_ray.config import model_path
     from metakd_ray.models import load_encoder
@@ -56,14 +56,14 @@ def tiny_teacher(tmp_path_factory) -> Path:
     return path
 
 
-def write_config(path: Path, data_root: Path, teacher: Path, out: Path, **sections) -> Path:
+def write_config(path: Path, data_root: Path, teacher_path: Path, out: Path, **sections) -> Path:
     """A small but real experiment config: 2 domains, short sequences, tiny teacher, 1-layer student."""
     cfg = {
         "name": "test",
         "output_dir": str(out),
         "data": {"format": "amazon", "root": str(data_root), "path": "", "domains": ["books", "kitchen"],
                  "max_length": 32, "max_train_per_domain": 48, "max_dev_per_domain": 12, "max_test_per_domain": 12},
-        "model": {"teacher": str(teacher), "student_layers": 1},
+        "model": {"teacher": str(teacher_path), "student_layers": 1},
         "prototypes": {"batch_size": 32},
         "teacher": {"epochs": 1, "lr": 1e-4, "batch_size": 8, "eval_every": 4, "num_workers": 2},
         "distill": {"stage1_epochs": 1, "stage2_epochs": 1, "no_kd_epochs": 1, "stage1_lr": 1e-4,
@@ -97,6 +97,24 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+def kill_when(cmd: list[str], log: Path, ready, timeout: float, poll: float = 0.5) -> None:
+    """Run ``cmd`` in its own session; once ``ready()`` is true (or after ``timeout`` s), kill the
+    whole session: the driver and the local Ray it started, as a crash or a lost machine would."""
+    import subprocess
+    import time
+
+    env = dict(os.environ, RAY_ADDRESS="")
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and not ready():
+            time.sleep(poll)
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
 
 
 def kill_session(pid: int) -> None:

@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def test_job_upload_sends_code_only(tmp_path):
         p.write_bytes(b"x" * 1024)
     try:
         target = tmp_path / "pkg.zip"
-        create_package(str(REPO), target, excludes=excludes)
+        create_package(str(REPO), target, include_gitignore=False, excludes=excludes)
         names = zipfile.ZipFile(target).namelist()
     finally:
         for p in planted:
@@ -110,12 +111,31 @@ class LocalCluster:
                  "--num-cpus", str(cpus), "--resources", json.dumps({name: 1}), "--disable-usage-stats")
         return _raylet_pids() - before
 
-    def submit(self, *entrypoint, wait=True):
-        args = ["job", "submit", "--address", f"http://127.0.0.1:{self.dashboard}", "--working-dir", str(REPO),
-                "--runtime-env", str(REPO / "clusters" / "job-runtime-env.yaml")]
-        if not wait:
-            args.append("--no-wait")
-        return self.ray(*args, "--", *entrypoint, check=False, timeout=900)
+    def submit(self, *entrypoint) -> str:
+        """Submit a job (retrying while the job agent starts up) and return its id."""
+        address = f"http://127.0.0.1:{self.dashboard}"
+        for _ in range(30):
+            proc = self.ray("job", "submit", "--address", address, "--working-dir", str(REPO), "--runtime-env",
+                            str(REPO / "clusters" / "job-runtime-env.yaml"), "--no-wait", "--", *entrypoint,
+                            check=False)
+            if proc.returncode == 0:
+                return re.search(r"raysubmit_\w+", proc.stdout + proc.stderr).group(0)
+            if "No available agent" not in proc.stdout + proc.stderr:
+                raise AssertionError((proc.stdout + proc.stderr)[-3000:])
+            time.sleep(2)
+        raise AssertionError("the job agent never became available")
+
+    def wait(self, job_id: str, timeout: float = 900) -> tuple[str, str]:
+        address = f"http://127.0.0.1:{self.dashboard}"
+        deadline, status = time.time() + timeout, ""
+        while time.time() < deadline:
+            proc = self.ray("job", "status", "--address", address, job_id, check=False)
+            status = proc.stdout + proc.stderr
+            if any(word in status.lower() for word in ("succeeded", "failed", "stopped")):
+                break
+            time.sleep(3)
+        logs = self.ray("job", "logs", "--address", address, job_id, check=False).stdout
+        return status, logs
 
     def stop(self):
         self.ray("stop", "--force", check=False)
@@ -143,8 +163,8 @@ def test_job_submit_runs_the_pipeline_on_two_nodes(cluster, tiny_config):
     cluster.start_head(cpus=2)
     cluster.add_node(cpus=2, name="wnode")
     config = _tiny_job_config(tiny_config)
-    proc = cluster.submit("metakd-ray", "run", str(config), "--methods", "meta_kd,no_kd")
-    assert proc.returncode == 0 and "SUCCEEDED" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-4000:]
+    status, logs = cluster.wait(cluster.submit("metakd-ray", "run", str(config), "--methods", "meta_kd,no_kd"))
+    assert "succeeded" in status.lower(), logs[-4000:]
     cfg = load_config(str(config))
     results = json.loads((cfg.out / "results.json").read_text())
     assert set(results["students"]) == {"meta_kd", "no_kd"}
@@ -166,23 +186,16 @@ def test_job_survives_losing_a_node_during_teacher_training(cluster, tiny_config
     # SPREAD puts one of the two DDP workers on the second node
     config = _tiny_job_config(tiny_config, epochs=8, placement_strategy="SPREAD", max_failures=3)
     cfg = load_config(str(config))
-    job = subprocess.Popen([str(VENV_BIN / "ray"), "job", "submit", "--address",
-                            f"http://127.0.0.1:{cluster.dashboard}", "--working-dir", str(REPO), "--runtime-env",
-                            str(REPO / "clusters" / "job-runtime-env.yaml"), "--", "metakd-ray", "run", str(config),
-                            "--methods", "meta_kd"], env=cluster.env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline and not list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")):
-            time.sleep(0.5)
-        assert list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")), "no checkpoint before the kill"
-        for pid in node_raylets:
-            os.kill(pid, 9)
-        out, _ = job.communicate(timeout=900)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode == 0 and "SUCCEEDED" in out, out[-4000:]
+    job_id = cluster.submit("metakd-ray", "run", str(config), "--methods", "meta_kd")
+    deadline = time.time() + 400
+    while time.time() < deadline and not list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")):
+        time.sleep(0.5)
+    assert list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")), "no checkpoint before the kill"
+    for pid in node_raylets:
+        os.kill(pid, 9)
+    status, logs = cluster.wait(job_id)
+    assert "succeeded" in status.lower(), logs[-4000:]
+    assert "health check failed" in logs or "resumed at step" in logs  # the loss was seen and survived
     results = json.loads((cfg.out / "results.json").read_text())
     teacher_run = json.loads((cfg.out / "teachers" / "meta" / "result.json").read_text())["run_id"]
     client = MlflowClient(results["mlflow"]["tracking_uri"])

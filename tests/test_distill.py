@@ -5,16 +5,14 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import kill_session
+from conftest import kill_when
 import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from metakd_ray import losses
 from metakd_ray.config import load_config
 from metakd_ray.data import prepare
 from metakd_ray.distill import StudentJob, compute_teacher_targets, distill_student
@@ -155,15 +153,7 @@ def test_killed_driver_reruns_only_missing_students(tiny_config, tmp_path):
     cmd = [sys.executable, "-m", "metakd_ray.cli", "run", str(config), "--methods", "no_kd"]
     env = dict(os.environ, RAY_ADDRESS="")
     log = tmp_path / "first.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline and not list((cfg.out / "students").glob("*/*/result.json")):
-            time.sleep(0.2)
-    finally:
-        kill_session(proc.pid)
-        proc.wait()
+    kill_when(cmd, log, lambda: list((cfg.out / "students").glob("*/*/result.json")), timeout=400, poll=0.2)
     finished = list((cfg.out / "students").glob("*/*/result.json"))
     assert len(finished) == 1, log.read_text()[-3000:]
     first_mtime = finished[0].stat().st_mtime_ns

@@ -1,16 +1,14 @@
 """Ray Tune + Optuna sweeps: space validation, a real small sweep with ASHA, MLflow, and resume."""
 
-import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
 
-from conftest import kill_session
+from conftest import kill_when
 import yaml
 from mlflow import MlflowClient
 
@@ -110,15 +108,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_config, tmp
         return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
     log = tmp_path / "first.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.time() + 500
-        while time.time() < deadline and len(finished_trials()) < 2:
-            time.sleep(1)
-    finally:
-        kill_session(proc.pid)
-        proc.wait()
+    kill_when(cmd, log, lambda: len(finished_trials()) >= 2, timeout=500, poll=1)
     before = finished_trials()
     assert len(before) >= 2, log.read_text()[-3000:]
     client = MlflowClient(f"sqlite:///{cfg.out / 'mlflow.db'}")
@@ -140,3 +130,21 @@ def csv_rows(path):
 
     with open(path) as fh:
         yield from csv.DictReader(fh)
+
+
+@pytest.mark.slow
+def test_quickstart_sweep_eight_trials_with_asha(tmp_path):
+    """The real thing at small scale: distill.yaml on the quickstart data, 8 trials, ASHA on."""
+    import ray
+
+    from metakd_ray.tune import sweep
+
+    cfg = load_config("quickstart", [f"output_dir={tmp_path}", "distill.stage1_epochs=1", "distill.stage2_epochs=2",
+                                     "data.max_length=64"])
+    try:
+        out = sweep(cfg, str(REPO / "tune_spaces" / "distill.yaml"), trials=8, concurrency=2, name="quickstart")
+    finally:
+        ray.shutdown()
+    assert len(out["trials"]) == 8
+    assert any(t["domains_done"] < 4 for t in out["trials"]), "ASHA stopped no trial"
+    assert out["best"]["domains_done"] == 4 and out["best"]["mean_dev_acc"] > 0.6

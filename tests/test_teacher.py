@@ -6,11 +6,10 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import kill_session
+from conftest import kill_when
 from mlflow import MlflowClient
 
 from metakd_ray.config import load_config
@@ -59,7 +58,6 @@ def test_teacher_trains_logs_to_mlflow_and_skips_when_done(ray_local, tiny_confi
 
 
 def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_config):
-    import ray
     from ray.util.state import list_actors
 
     cfg = load_config(str(tiny_config(teacher={"epochs": 8, "eval_every": 4, "max_failures": 2})))
@@ -98,17 +96,8 @@ def test_interrupted_teacher_run_resumes_on_rerun(tiny_config, tmp_path):
     env = dict(os.environ, RAY_ADDRESS="")
     cmd = [sys.executable, "-m", "metakd_ray.cli", "teacher", str(config)]
     log = tmp_path / "first.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")):
-            time.sleep(0.5)
-        assert list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")), log.read_text()[-3000:]
-        time.sleep(2)
-    finally:
-        kill_session(proc.pid)
-        proc.wait()
+    kill_when(cmd, log, lambda: list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")), timeout=300)
+    assert list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")), log.read_text()[-3000:]
     assert not (cfg.out / "teachers" / "meta" / "result.json").exists()
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
