@@ -193,6 +193,7 @@ def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_di
             step = _train(student, tensors, d.stage2_epochs, d.stage2_lr, cfg, step, evaluate, run, "joint",
                           lambda b, idx, out: intermediate(b, idx, out) + prediction(b, idx, out), internals=True)
 
+    train_seconds = time.time() - start
     if best["state"] is not None:
         student.load_state_dict(best["state"])
     test_acc = accuracy_by_domain(student, test, data.domains)[job.domain]
@@ -200,7 +201,7 @@ def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_di
         "method": job.method, "domain": job.domain, "teacher": job.teacher_name or None,
         "dev_acc": best["acc"], "test_acc": test_acc, "best_step": best["step"], "steps": step,
         "train_examples": len(train), "params": count_parameters(student, include_heads=False),
-        "latency_ms": measure_latency(student, test), "train_seconds": round(time.time() - start, 1),
+        "latency_ms": measure_latency(student, test), "train_seconds": round(train_seconds, 2),
         "history": history,
     }
     log(f"[distill] {job.method}/{job.domain}: dev {result['dev_acc']:.4f} test {test_acc:.4f} "
