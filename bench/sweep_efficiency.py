@@ -28,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="1 stage-1 and 2 stage-2 epochs per student")
+    parser.add_argument("--quick", action="store_true", help="64 tokens, 1 stage-1 and 4 stage-2 epochs per student")
     args = parser.parse_args()
 
     from metakd_ray.config import load_config
@@ -36,7 +36,7 @@ def main() -> None:
 
     overrides = ["output_dir=outputs/bench-sweep"]
     if args.quick:
-        overrides += ["distill.stage1_epochs=1", "distill.stage2_epochs=2", "data.max_length=64"]
+        overrides += ["distill.stage1_epochs=1", "distill.stage2_epochs=4", "data.max_length=64"]
     cfg = load_config("quickstart", overrides)
     space = str(REPO / "tune_spaces" / "distill.yaml")
     runs = {}

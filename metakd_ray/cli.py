@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         p = command(name, text)
         p.add_argument("--methods", help="comma-separated methods or 'all' (default: distill.methods)")
         if name == "run":
-            p.add_argument("--fresh", action="store_true", help="retrain the teachers from scratch")
+            p.add_argument("--fresh", action="store_true", help="retrain the teachers and students from scratch")
     p = command("doctor", "Check Ray, storage, MLflow, model and data for this config (PASS/FAIL lines).")
     p.add_argument("--address", default=None, help="Ray address (default: ray.address, $RAY_ADDRESS or a local Ray)")
     p = command("sweep", "Ray Tune + Optuna (+ ASHA) search over a space in tune_spaces/.")

@@ -10,6 +10,8 @@ students domain by domain.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 
 from metakd_ray.config import METHODS, Config
@@ -66,6 +68,9 @@ def run_pipeline(cfg: Config, methods: list[str], fresh: bool = False, teachers_
         if missing:
             raise MetaKDError(f"no trained teacher(s) {sorted(set(missing))} in {cfg.out / 'teachers'}: "
                               f"run `metakd-ray teacher` (or `metakd-ray run`) first")
+    if fresh and not teachers_only:  # students and cached targets of the old teachers are stale now
+        for stale in ("students", "teacher_outputs"):
+            shutil.rmtree(cfg.out / stale, ignore_errors=True)
     teachers = train_teachers(cfg, data, scores, needed, parent, fresh)
     if teachers_only:
         return {"teachers": teachers}

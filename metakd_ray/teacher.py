@@ -243,7 +243,8 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
     # [2] MLflow: a child run of the pipeline, found again on resume.
     run = open_run(cfg, f"teacher/{name}/{key}", f"teacher-{name}", "teacher", parent,
                    {"metakd.teacher_kind": kind, "metakd.domain": domain or "all"})
-    run.log_params(flatten(dict(cfg.to_dict(), effective=objective)))
+    settings = {k: v for k, v in cfg.to_dict().items() if k in ("seed", "data", "model", "prototypes", "teacher")}
+    run.log_params(flatten(dict(settings, effective=objective)))
 
     # [3] Launch the worker group.
     init_ray(cfg)

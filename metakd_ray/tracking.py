@@ -108,7 +108,8 @@ def open_run(cfg: Config, key: str, name: str, stage: str, parent: RunRef | None
 
 def pipeline_run(cfg: Config) -> RunRef:
     """The parent run of everything this output directory does."""
-    ref = open_run(cfg, f"pipeline/{cfg.out}", f"{cfg.name}", "pipeline")
+    # Keyed by the config too: MLflow params are immutable, so a changed config gets its own parent.
+    ref = open_run(cfg, f"pipeline/{cfg.out}/{cfg.hash()}", f"{cfg.name}", "pipeline")
     ref.log_params(flatten(cfg.to_dict()))
     return ref
 

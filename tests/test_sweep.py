@@ -139,7 +139,7 @@ def test_quickstart_sweep_eight_trials_with_asha(tmp_path):
 
     from metakd_ray.tune import sweep
 
-    cfg = load_config("quickstart", [f"output_dir={tmp_path}", "distill.stage1_epochs=1", "distill.stage2_epochs=2",
+    cfg = load_config("quickstart", [f"output_dir={tmp_path}", "distill.stage1_epochs=1", "distill.stage2_epochs=4",
                                      "data.max_length=64"])
     try:
         out = sweep(cfg, str(REPO / "tune_spaces" / "distill.yaml"), trials=8, concurrency=2, name="quickstart")
