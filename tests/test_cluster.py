@@ -101,15 +101,22 @@ class LocalCluster:
                               check=check, timeout=timeout)
 
     def start_head(self, cpus: int):
+        # Every fixed default port is taken from the free ones: another Ray on the machine must not clash.
         self.ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                  "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard), "--num-cpus", str(cpus),
+                 "--ray-client-server-port", str(_free_port()), *self._agent_ports(),
                  "--disable-usage-stats", "--include-dashboard", "true")
 
     def add_node(self, cpus: int, name: str) -> set[int]:
         before = _raylet_pids()
         self.ray("start", "--address", f"127.0.0.1:{self.port}", "--node-ip-address", "127.0.0.1",
-                 "--num-cpus", str(cpus), "--resources", json.dumps({name: 1}), "--disable-usage-stats")
+                 "--num-cpus", str(cpus), "--resources", json.dumps({name: 1}), *self._agent_ports(),
+                 "--disable-usage-stats")
         return _raylet_pids() - before
+
+    @staticmethod
+    def _agent_ports() -> list[str]:
+        return ["--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port())]
 
     def submit(self, *entrypoint) -> str:
         """Submit a job (retrying while the job agent starts up) and return its id."""
