@@ -96,8 +96,10 @@ def test_interrupted_teacher_run_resumes_on_rerun(tiny_config, tmp_path):
     env = dict(os.environ, RAY_ADDRESS="")
     cmd = [sys.executable, "-m", "metakd_ray.cli", "teacher", str(config)]
     log = tmp_path / "first.log"
-    kill_when(cmd, log, lambda: list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")), timeout=300)
-    assert list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")), log.read_text()[-3000:]
+    # Two checkpoint directories on disk: the first one is then registered with the run, not mid-upload.
+    checkpoints = lambda: list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*"))  # noqa: E731
+    kill_when(cmd, log, lambda: len(checkpoints()) >= 2, timeout=300)
+    assert len(checkpoints()) >= 2, log.read_text()[-3000:]
     assert not (cfg.out / "teachers" / "meta" / "result.json").exists()
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
