@@ -253,9 +253,13 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
                        weights=ray.put(weights), run=run)
     print(f"[teacher] {name}: {len(train)} examples over {len(domain_ids)} domain(s), "
           f"{tcfg.num_workers} worker(s), Ray run {run_name} in {storage}", flush=True)
+    resume = latest_checkpoint(storage, run_name)
+    if resume:
+        print(f"[teacher] {name}: continuing the unfinished run from {resume.path}", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        resume_from_checkpoint=resume,
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                      resources_per_worker={"CPU": tcfg.cpus_per_worker},
@@ -296,6 +300,24 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
     run.finish()
     print(f"[teacher] {name}: best step {summary['best_step']}, dev mean acc {summary['dev_mean_acc']:.4f}")
     return summary
+
+
+def latest_checkpoint(storage: str, run_name: str):
+    """The furthest complete checkpoint a killed earlier run left in local storage, if any.
+
+    Ray restores a run of the same name from its own snapshot when that snapshot was written; this
+    also covers a driver killed before it was (remote storage relies on Ray's snapshot alone).
+    """
+    from ray.train import Checkpoint
+
+    if "://" in storage:
+        return None
+    found = []
+    for directory in Path(storage, run_name).glob("checkpoint_*"):
+        info = read_json(directory / "state.json")
+        if info and all((directory / f).is_file() for f in ("model.safetensors", "training_state.pt")):
+            found.append((info["step"], directory))
+    return Checkpoint.from_directory(str(max(found)[1])) if found else None
 
 
 def storage_path(cfg: Config) -> str:
