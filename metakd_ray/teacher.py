@@ -71,7 +71,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     # [3] Resume from the latest checkpoint if Ray restarted us (or the run is being resumed).
     step, best = 0, {"acc": -1.0, "step": 0}
+    # Ray's own checkpoint (a restarted worker group) is the newest; else an earlier run's, if any.
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
     if checkpoint:
         with checkpoint.as_directory() as d:
             step, best = _load_training_state(Path(d), core, optimizer, scheduler, rank)
@@ -255,11 +258,11 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
           f"{tcfg.num_workers} worker(s), Ray run {run_name} in {storage}", flush=True)
     resume = latest_checkpoint(storage, run_name)
     if resume:
-        print(f"[teacher] {name}: continuing the unfinished run from {resume.path}", flush=True)
+        print(f"[teacher] {name}: continuing the unfinished run from {resume}", flush=True)
+        loop_config["resume_from"] = str(resume)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        resume_from_checkpoint=resume,
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
                                      resources_per_worker={"CPU": tcfg.cpus_per_worker},
@@ -302,14 +305,12 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
     return summary
 
 
-def latest_checkpoint(storage: str, run_name: str):
+def latest_checkpoint(storage: str, run_name: str) -> Path | None:
     """The furthest complete checkpoint a killed earlier run left in local storage, if any.
 
     Ray restores a run of the same name from its own snapshot when that snapshot was written; this
     also covers a driver killed before it was (remote storage relies on Ray's snapshot alone).
     """
-    from ray.train import Checkpoint
-
     if "://" in storage:
         return None
     found = []
@@ -317,7 +318,7 @@ def latest_checkpoint(storage: str, run_name: str):
         info = read_json(directory / "state.json")
         if info and all((directory / f).is_file() for f in ("model.safetensors", "training_state.pt")):
             found.append((info["step"], directory))
-    return Checkpoint.from_directory(str(max(found)[1])) if found else None
+    return max(found)[1] if found else None
 
 
 def storage_path(cfg: Config) -> str:
