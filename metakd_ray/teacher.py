@@ -315,6 +315,8 @@ def latest_checkpoint(storage: str, run_name: str) -> Path | None:
         return None
     found = []
     for directory in Path(storage, run_name).glob("checkpoint_*"):
+        if not directory.is_dir():  # Ray's checkpoint_manager_snapshot.json lives beside them
+            continue
         info = read_json(directory / "state.json")
         if info and all((directory / f).is_file() for f in ("model.safetensors", "training_state.pt")):
             found.append((info["step"], directory))

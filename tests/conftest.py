@@ -99,6 +99,15 @@ def ray_local():
         ray.shutdown()
 
 
+def registered_checkpoint(run_dirs: str, root: Path) -> bool:
+    """True once Ray's controller has recorded a checkpoint of a run matching ``root/run_dirs``
+    (a directory on disk is not enough: its report may still be in flight)."""
+    for snapshot in root.glob(f"{run_dirs}/checkpoint_manager_snapshot.json"):
+        if '"checkpoint_dir_name"' in snapshot.read_text():
+            return True
+    return False
+
+
 def kill_when(cmd: list[str], log: Path, ready, timeout: float, poll: float = 0.5) -> None:
     """Run ``cmd`` in its own session; once ``ready()`` is true (or after ``timeout`` s), kill the
     whole session: the driver and the local Ray it started, as a crash or a lost machine would."""

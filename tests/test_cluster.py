@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, kill_session, registered_checkpoint
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -95,21 +95,33 @@ class LocalCluster:
                         HF_HUB_OFFLINE="1", RAY_ADDRESS="")
         self.env.pop("RAY_ADDRESS")
         self.temp = tmp
+        self.sessions: list[int] = []
 
     def ray(self, *args, check=True, timeout=120):
         return subprocess.run([str(VENV_BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
                               check=check, timeout=timeout)
 
+    def start(self, *args):
+        """`ray start` in a session of its own: its daemons and workers inherit it, so `stop` can
+        end exactly this cluster and no other Ray on the machine."""
+        log = self.temp / f"ray-start-{len(self.sessions)}.log"
+        with open(log, "w") as fh:  # a file, not a pipe: the daemons outlive `ray start`
+            proc = subprocess.Popen([str(VENV_BIN / "ray"), "start", *args], env=self.env, stdout=fh,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            self.sessions.append(proc.pid)
+            proc.wait(timeout=120)
+        assert proc.returncode == 0, log.read_text()[-3000:]
+
     def start_head(self, cpus: int):
         # Every fixed default port is taken from the free ones: another Ray on the machine must not clash.
-        self.ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+        self.start("--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                  "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard), "--num-cpus", str(cpus),
                  "--ray-client-server-port", str(_free_port()), *self._agent_ports(),
                  "--disable-usage-stats", "--include-dashboard", "true")
 
     def add_node(self, cpus: int, name: str) -> set[int]:
         before = _raylet_pids()
-        self.ray("start", "--address", f"127.0.0.1:{self.port}", "--node-ip-address", "127.0.0.1",
+        self.start("--address", f"127.0.0.1:{self.port}", "--node-ip-address", "127.0.0.1",
                  "--num-cpus", str(cpus), "--resources", json.dumps({name: 1}), *self._agent_ports(),
                  "--disable-usage-stats")
         return _raylet_pids() - before
@@ -145,7 +157,8 @@ class LocalCluster:
         return status, logs
 
     def stop(self):
-        self.ray("stop", "--force", check=False)
+        for pid in self.sessions:
+            kill_session(pid)
 
 
 @pytest.fixture
@@ -195,9 +208,9 @@ def test_job_survives_losing_a_node_during_teacher_training(cluster, tiny_config
     cfg = load_config(str(config))
     job_id = cluster.submit("metakd-ray", "run", str(config), "--methods", "meta_kd")
     deadline = time.time() + 400
-    while time.time() < deadline and not list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")):
+    while time.time() < deadline and not registered_checkpoint("teacher-meta-*", cfg.out / "ray"):
         time.sleep(0.5)
-    assert list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*")), "no checkpoint before the kill"
+    assert registered_checkpoint("teacher-meta-*", cfg.out / "ray"), "no checkpoint before the kill"
     for pid in node_raylets:
         os.kill(pid, 9)
     status, logs = cluster.wait(job_id)

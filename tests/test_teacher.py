@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import kill_when
+from conftest import kill_when, registered_checkpoint
 from mlflow import MlflowClient
 
 from metakd_ray.config import load_config
@@ -71,9 +71,9 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_config):
     try:
         # Wait for a checkpoint at step >= 8, then kill one training worker process.
         deadline = time.time() + 240
-        while time.time() < deadline and len(list(storage.glob("checkpoint_*"))) < 2:
+        while time.time() < deadline and not registered_checkpoint(storage.name, storage.parent):
             time.sleep(0.2)
-        assert len(list(storage.glob("checkpoint_*"))) >= 2, "no checkpoint appeared"
+        assert registered_checkpoint(storage.name, storage.parent), "no checkpoint was registered"
         workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
         assert workers
         os.kill(workers[-1].pid, signal.SIGKILL)
@@ -96,10 +96,8 @@ def test_interrupted_teacher_run_resumes_on_rerun(tiny_config, tmp_path):
     env = dict(os.environ, RAY_ADDRESS="")
     cmd = [sys.executable, "-m", "metakd_ray.cli", "teacher", str(config)]
     log = tmp_path / "first.log"
-    # Two checkpoint directories on disk: the first one is then registered with the run, not mid-upload.
-    checkpoints = lambda: list((cfg.out / "ray").glob("teacher-meta-*/checkpoint_*"))  # noqa: E731
-    kill_when(cmd, log, lambda: len(checkpoints()) >= 2, timeout=300)
-    assert len(checkpoints()) >= 2, log.read_text()[-3000:]
+    kill_when(cmd, log, lambda: registered_checkpoint("teacher-meta-*", cfg.out / "ray"), timeout=300)
+    assert registered_checkpoint("teacher-meta-*", cfg.out / "ray"), log.read_text()[-3000:]
     assert not (cfg.out / "teachers" / "meta" / "result.json").exists()
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
