@@ -159,6 +159,10 @@ class LocalCluster:
     def stop(self):
         for pid in self.sessions:
             kill_session(pid)
+        # `ray stop` would also drop this pointer; a stale one makes later ray.init() calls try to join us.
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{self.port}"):
+            current.unlink()
 
 
 @pytest.fixture
