@@ -23,20 +23,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).parent / "results"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--domain", default="books")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (a student task's CPUs)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
+def cache_timings(domain: str = "books", out: Path = Path("outputs/bench-cache")) -> dict:
+    """{mode: build/epoch seconds, steps, cache bytes} for one stage-1 epoch, recompute vs cached."""
     from metakd_ray.config import load_config
     from metakd_ray.data import prepare
     from metakd_ray.distill import StudentJob, compute_teacher_targets, distill_student
     from metakd_ray.models import build_teacher, save_model
     from metakd_ray.prototypes import compute_prototype_scores
 
-    out = Path("outputs/bench-cache").resolve()
+    out = out.resolve()
     cfg = load_config("quickstart", [f"output_dir={out}", "distill.stage1_epochs=1", "distill.stage2_epochs=0"])
     data = prepare(cfg, quiet=True)
     scores = compute_prototype_scores(cfg, data, quiet=True)
@@ -44,18 +39,28 @@ def main() -> None:
     teacher = build_teacher(cfg.model.teacher, len(data.labels), len(data.domains))
     teacher_dir = out / "teacher"
     save_model(teacher, teacher_dir, {"kind": "meta"})
-    job = StudentJob("meta_kd", args.domain)
+    job = StudentJob("meta_kd", domain)
 
     timings = {}
     for mode, internals in (("recompute", False), ("cached", True)):
         path = out / f"targets-{mode}.safetensors"
         path.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        compute_teacher_targets(cfg, data, teacher, args.domain, scores, internals, path)
+        compute_teacher_targets(cfg, data, teacher, domain, scores, internals, path)
         build = time.perf_counter() - t0
         r = distill_student(cfg, data, job, teacher_dir, path, log=lambda *_: None)["result"]
         timings[mode] = {"build_seconds": build, "epoch_seconds": r["train_seconds"], "steps": r["steps"],
                          "cache_bytes": path.stat().st_size}
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--domain", default="books")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a student task's CPUs)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    timings = cache_timings(args.domain)
 
     speedup = timings["recompute"]["epoch_seconds"] / timings["cached"]["epoch_seconds"]
     print(f"{'mode':<12}{'one-time build s':>18}{'stage-1 epoch s':>18}{'steps':>8}{'cache MB':>10}")

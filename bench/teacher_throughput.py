@@ -65,6 +65,44 @@ def ray_loop(settings: dict, train, dev, weights: np.ndarray, storage: Path) -> 
     return trainer.fit().metrics["train/samples_per_s"]
 
 
+def measure_throughput(steps: int = 40, threads: int = 2, batch_size: int = 16) -> dict:
+    """Samples/s of the plain loop, the plain loop beside an idle Ray, and the Ray Train loop."""
+    import ray
+
+    from metakd_ray.config import load_config
+    from metakd_ray.data import prepare
+    from metakd_ray.prototypes import compute_prototype_scores
+    from metakd_ray.teacher import loop_settings
+
+    out = Path("outputs/bench-throughput").resolve()
+    cfg = load_config("quickstart", [f"output_dir={out}", f"teacher.batch_size={batch_size}",
+                                     "teacher.num_workers=1", f"teacher.cpus_per_worker={threads}"])
+    data = prepare(cfg, quiet=True)
+    scores = compute_prototype_scores(cfg, data, quiet=True)
+    train = data.splits["train"]
+    train = train.take(np.arange(steps * batch_size) % len(train))  # exactly `steps` batches
+    weights = np.array([scores[u] for u in train.uids], dtype=np.float32)
+    dev = data.splits["dev"].take(np.arange(8))  # one tiny evaluation at the end, outside the timed window
+    settings = loop_settings(cfg, data, "meta")
+    settings.update(epochs=1.0, eval_every=10**9)
+
+    plain = plain_loop(settings, train, weights, steps)
+    ray.init(num_cpus=threads, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    try:
+        # The same plain loop again while Ray's daemons (GCS, raylet, dashboard) idle beside it:
+        # separates the cost of sharing 2 cores with them from the cost of the Train loop itself.
+        plain_beside_ray = plain_loop(settings, train, weights, steps)
+        on_ray = ray_loop(settings, train, dev, weights, out / "ray")
+    finally:
+        ray.shutdown()
+    return {"steps": steps, "batch_size": batch_size, "threads": threads,
+            "max_length": cfg.data.max_length, "plain_samples_per_s": plain,
+            "plain_beside_idle_ray_samples_per_s": plain_beside_ray, "ray_train_samples_per_s": on_ray,
+            "ratio_ray_over_plain": on_ray / plain, "ratio_ray_over_plain_beside_ray": on_ray / plain_beside_ray,
+            "target_ratio": 0.95}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
@@ -74,41 +112,11 @@ def main() -> None:
 
     import ray
 
-    from metakd_ray.config import load_config
-    from metakd_ray.data import prepare
-    from metakd_ray.prototypes import compute_prototype_scores
-    from metakd_ray.teacher import loop_settings
-
-    out = Path("outputs/bench-throughput").resolve()
-    cfg = load_config("quickstart", [f"output_dir={out}", f"teacher.batch_size={args.batch_size}",
-                                     "teacher.num_workers=1", f"teacher.cpus_per_worker={args.threads}"])
-    data = prepare(cfg, quiet=True)
-    scores = compute_prototype_scores(cfg, data, quiet=True)
-    train = data.splits["train"]
-    train = train.take(np.arange(args.steps * args.batch_size) % len(train))  # exactly `steps` batches
-    weights = np.array([scores[u] for u in train.uids], dtype=np.float32)
-    dev = data.splits["dev"].take(np.arange(8))  # one tiny evaluation at the end, outside the timed window
-    settings = loop_settings(cfg, data, "meta")
-    settings.update(epochs=1.0, eval_every=10**9)
-
-    plain = plain_loop(settings, train, weights, args.steps)
-    ray.init(num_cpus=args.threads, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    try:
-        # The same plain loop again while Ray's daemons (GCS, raylet, dashboard) idle beside it:
-        # separates the cost of sharing 2 cores with them from the cost of the Train loop itself.
-        plain_beside_ray = plain_loop(settings, train, weights, args.steps)
-        on_ray = ray_loop(settings, train, dev, weights, out / "ray")
-    finally:
-        ray.shutdown()
-
-    result = {"steps": args.steps, "batch_size": args.batch_size, "threads": args.threads,
-              "max_length": cfg.data.max_length, "plain_samples_per_s": plain,
-              "plain_beside_idle_ray_samples_per_s": plain_beside_ray, "ray_train_samples_per_s": on_ray,
-              "ratio_ray_over_plain": on_ray / plain, "ratio_ray_over_plain_beside_ray": on_ray / plain_beside_ray,
-              "target_ratio": 0.95,
-              "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
-                          "torch": torch.__version__, "ray": ray.__version__}}
+    result = measure_throughput(args.steps, args.threads, args.batch_size)
+    result["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
+                         "torch": torch.__version__, "ray": ray.__version__}
+    plain, plain_beside_ray, on_ray = (result[k] for k in ("plain_samples_per_s", "plain_beside_idle_ray_samples_per_s",
+                                                            "ray_train_samples_per_s"))
     print(f"{'loop':<34}{'samples/s':>12}")
     print(f"{'plain PyTorch (1 process)':<34}{plain:>12.2f}")
     print(f"{'plain PyTorch, Ray idle beside':<34}{plain_beside_ray:>12.2f}")

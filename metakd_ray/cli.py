@@ -7,6 +7,7 @@
     metakd-ray run      CONFIG [--methods ...]     the whole pipeline, writes results.json
     metakd-ray sweep    CONFIG --space FILE        Ray Tune + Optuna search (tune_spaces/*.yaml)
     metakd-ray doctor   CONFIG [--address ...]     PASS/FAIL checks of cluster, storage, MLflow, model, data
+    metakd-ray report   OUTPUT_DIR ... | --experiment NAME   accuracy tables over seeds, plots, vs the paper
 
 CONFIG is a preset (quickstart, amazon, mnli) or a YAML path. Bad input exits with code 2 and one
 ``error:`` line naming the key or file.
@@ -51,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="", help="sweep name (default: <space>-<config hash>)")
     p.add_argument("--objective", default="accuracy", help="accuracy (default) or accuracy,latency (Pareto)")
     p.add_argument("--no-asha", action="store_true", help="run every trial to the end")
+    p = sub.add_parser("report", help="Domain x method report over seeds, beside the paper, with plots.",
+                       description="Domain x method test accuracy (mean ± std over seeds) beside the paper's "
+                                   "table, with heatmap, size/latency, gap and training-curve plots.")
+    p.add_argument("sources", nargs="*", metavar="OUTPUT_DIR",
+                   help="run output directories (or their results.json, or a directory of run directories)")
+    p.add_argument("--experiment", help="read every finished pipeline run of this MLflow experiment instead")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow store for --experiment (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--out", help="report directory (default: OUTPUT_DIR/report for one source, else ./report)")
     return parser
 
 
@@ -70,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     from metakd_ray.config import dump_yaml, load_config
 
+    if args.command == "report":
+        return _report(args)
     cfg = load_config(args.config, args.overrides)
     if args.command == "validate":
         print(dump_yaml(cfg), end="")
@@ -101,6 +113,26 @@ def _dispatch(args) -> int:
         return 0
     methods = resolve_methods(args.methods, cfg)
     run_pipeline(cfg, methods, fresh=getattr(args, "fresh", False), require_teachers=args.command == "distill")
+    return 0
+
+
+def _report(args) -> int:
+    from pathlib import Path
+
+    from metakd_ray.report import build_report, load_results, load_results_from_mlflow
+
+    if bool(args.sources) == bool(args.experiment):
+        raise MetaKDError("report: give either OUTPUT_DIR(s) or --experiment NAME")
+    if args.experiment:
+        if not args.tracking_uri:
+            raise MetaKDError("report --experiment: no MLflow store (pass --tracking-uri or set MLFLOW_TRACKING_URI)")
+        results = load_results_from_mlflow(args.experiment, args.tracking_uri)
+        default = Path(f"report-{args.experiment}")
+    else:
+        results = load_results(args.sources)
+        one = Path(args.sources[0])
+        default = (one if one.is_dir() else one.parent) / "report" if len(args.sources) == 1 else Path("report")
+    build_report(results, Path(args.out) if args.out else default)
     return 0
 
 

@@ -138,6 +138,9 @@ class DistillConfig:
     cache_teacher_targets: bool = True  # fp16 hidden/attention targets on disk
     cpus_per_task: int = 1
     gpus_per_task: float = 0.0
+    # Student init and batch-order seed; -1 = the top-level seed. Varying it alone measures the
+    # students' seed spread over the same (unretrained) teachers.
+    seed: int = -1
     max_retries: int = 2
 
 
@@ -196,6 +199,10 @@ class Config:
         if self.data.format in ("mnli_tsv", "mnli_hub"):
             return ["entailment", "neutral", "contradiction"]
         return []
+
+    @property
+    def student_seed(self) -> int:
+        return self.seed if self.distill.seed < 0 else self.distill.seed
 
     @property
     def teacher_domains(self) -> list[str]:
@@ -380,6 +387,8 @@ def validate(cfg: Config) -> None:
                 "data.max_dev_per_domain", "data.max_test_per_domain"):
         if _get(cfg, key) < 0:
             raise MetaKDError(f"config key '{key}': expected an integer >= 0, got {_get(cfg, key)}")
+    if cfg.distill.seed < -1:
+        raise MetaKDError(f"config key 'distill.seed': expected -1 (the top-level seed) or a seed >= 0, got {cfg.distill.seed}")
     if cfg.teacher.batch_size % cfg.teacher.num_workers:
         raise MetaKDError(f"config key 'teacher.batch_size': {cfg.teacher.batch_size} is not divisible by "
                           f"teacher.num_workers={cfg.teacher.num_workers}")

@@ -28,7 +28,6 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -40,7 +39,8 @@ from metakd_ray.io import atomic_dir, atomic_write_json, read_json
 from metakd_ray.models import MetaKDModel, build_student, count_parameters, load_model, save_model
 from metakd_ray.scores import expertise_weight
 from metakd_ray.tracking import RunRef
-from metakd_ray.training import accuracy_by_domain, batch_at, epoch_order, make_optimizer, seed_everything
+from metakd_ray.training import (accuracy_by_domain, batch_at, epoch_order, make_optimizer, measure_latency,
+                                seed_everything)
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_di
                     targets: Path | None, run: RunRef | None = None, log=print) -> dict:
     """Train one student for ``job`` and return its metrics plus the trained model (plain PyTorch)."""
     d = cfg.distill
-    seed_everything(cfg.seed)
+    seed_everything(cfg.student_seed)
     domain_id = data.domain_id(job.domain)
     train = student_train_split(cfg, data, job.domain)
     dev = data.splits["dev"].for_domains([domain_id])
@@ -222,7 +222,7 @@ def _train(model, tensors: dict, epochs: float, lr: float, cfg: Config, step: in
     model.train()
     for i in range(total):
         epoch, position = divmod(i, per_epoch)
-        idx = epoch_order(n, cfg.seed + zlib.crc32(stage.encode()) % 997, epoch)[position * d.batch_size:(position + 1) * d.batch_size]
+        idx = epoch_order(n, cfg.student_seed + zlib.crc32(stage.encode()) % 997, epoch)[position * d.batch_size:(position + 1) * d.batch_size]
         b = batch_at(tensors, idx)
         out = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"], internals=internals)
         loss = loss_fn(b, idx, out)
@@ -266,20 +266,6 @@ def _teacher_width(cfg: Config) -> int:
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model_path(cfg.model.teacher)).hidden_size
-
-
-@torch.no_grad()
-def measure_latency(model, split: Split, samples: int = 20) -> float:
-    """Median milliseconds to classify one example (batch size 1, this process's threads)."""
-    model.eval()
-    tensors = split.tensors()
-    times = []
-    for i in range(min(samples, len(split))):
-        b = batch_at(tensors, [i])
-        t0 = time.perf_counter()
-        model(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"])
-        times.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(times)) if times else 0.0
 
 
 # --------------------------------------------------------------------------- fan-out on Ray

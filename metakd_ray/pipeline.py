@@ -81,7 +81,7 @@ def run_pipeline(cfg: Config, methods: list[str], fresh: bool = False, teachers_
     parent.log_artifact(cfg.out / "results.json")
     print(format_table(results))
     print(f"results: {cfg.out / 'results.json'}   MLflow: {results['mlflow']['tracking_uri']} "
-          f"(parent run {parent.run_id})")
+          f"(parent run {parent.run_id})\ntables over seeds and plots: metakd-ray report {cfg.out}")
     if failures:
         raise MetaKDError(f"{len(failures)} student(s) failed after retries: "
                           + "; ".join(f"{k}: {v}" for k, v in failures.items()))
@@ -94,13 +94,18 @@ def assemble_results(cfg: Config, domains: list[str], teachers: dict, students: 
     for name, summary in teachers.items():
         kind = summary["kind"]
         for domain, acc in summary["per_domain"].items():
-            teacher_table.setdefault(kind, {})[domain] = {"dev_acc": acc["dev_acc"], "test_acc": acc["test_acc"]}
+            cell = {"dev_acc": acc["dev_acc"], "test_acc": acc["test_acc"], "run_id": summary["run_id"]}
+            cell.update({k: summary[k] for k in ("params", "latency_ms") if k in summary})  # older teachers lack them
+            teacher_table.setdefault(kind, {})[domain] = cell
     student_table = {
-        method: {domain: {k: r[k] for k in ("dev_acc", "test_acc", "params", "latency_ms", "run_id")}
+        method: {domain: {k: r[k] for k in ("dev_acc", "test_acc", "params", "latency_ms", "train_examples", "run_id")}
                  for domain, r in per.items()}
         for method, per in students.items()
     }
     return {
+        "name": cfg.name,
+        "seed": cfg.seed,
+        "student_seed": cfg.student_seed,
         "domains": domains,
         "teacher": teacher_table,
         "students": student_table,
@@ -108,6 +113,7 @@ def assemble_results(cfg: Config, domains: list[str], teachers: dict, students: 
         "mlflow": {"tracking_uri": parent.tracking_uri, "experiment_id": experiment_id(cfg),
                    "parent_run_id": parent.run_id},
         "config_hash": cfg.hash(),
+        "config": cfg.to_dict(),
     }
 
 

@@ -36,9 +36,10 @@ from metakd_ray.config import Config, model_path
 from metakd_ray.data import PreparedData, Split
 from metakd_ray.errors import MetaKDError
 from metakd_ray.io import atomic_dir, atomic_write_json, read_json
-from metakd_ray.models import build_teacher, save_model
+from metakd_ray.models import build_teacher, count_parameters, save_model
 from metakd_ray.tracking import RunRef, flatten, open_run
-from metakd_ray.training import accuracy_by_domain, batch_at, epoch_order, make_optimizer, seed_everything
+from metakd_ray.training import (accuracy_by_domain, batch_at, epoch_order, make_optimizer, measure_latency,
+                                seed_everything)
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -293,6 +294,8 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
         "dev_mean_acc": float(np.mean([dev_acc[data.domains[i]] for i in domain_ids])),
         "per_domain": {d: {"dev_acc": dev_acc[d], "test_acc": test_acc[d]} for d in dev_acc},
         "samples_per_s": result.metrics.get("train/samples_per_s"),
+        "params": count_parameters(model, include_heads=False),
+        "latency_ms": measure_latency(model, data.splits["test"].for_domains(eval_ids)),
     }
     with atomic_dir(out_dir / "model") as tmp:
         save_model(model, tmp, {"kind": kind, "domains": data.domains, "labels": data.labels,

@@ -109,7 +109,8 @@ def open_run(cfg: Config, key: str, name: str, stage: str, parent: RunRef | None
 def pipeline_run(cfg: Config) -> RunRef:
     """The parent run of everything this output directory does."""
     # Keyed by the config too: MLflow params are immutable, so a changed config gets its own parent.
-    ref = open_run(cfg, f"pipeline/{cfg.out}/{cfg.hash()}", f"{cfg.name}", "pipeline")
+    # Named after the output directory: several runs of one config (seeds, settings) stay apart in the UI.
+    ref = open_run(cfg, f"pipeline/{cfg.out}/{cfg.hash()}", f"pipeline-{cfg.out.name}", "pipeline")
     ref.log_params(flatten(cfg.to_dict()))
     return ref
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import numpy as np
 import torch
@@ -73,3 +74,23 @@ def accuracy_by_domain(model, split: Split, domains: list[str], batch_size: int 
     correct = predict(model, split, batch_size) == split.labels
     return {domains[d]: float(correct[split.domain_ids == d].mean())
             for d in sorted(set(split.domain_ids.tolist()))}
+
+
+@torch.no_grad()
+def measure_latency(model, split: Split, samples: int = 20) -> float:
+    """Median milliseconds to classify one example: batch size 1 on one thread, so teacher and
+    student latencies compare whatever process measured them."""
+    model.eval()
+    tensors = split.tensors()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = []
+    try:
+        for i in range(min(samples, len(split))):
+            b = batch_at(tensors, [i])
+            t0 = time.perf_counter()
+            model(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"])
+            times.append((time.perf_counter() - t0) * 1000)
+    finally:
+        torch.set_num_threads(threads)
+    return float(np.median(times)) if times else 0.0

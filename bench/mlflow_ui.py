@@ -1,0 +1,116 @@
+"""Screenshot an MLflow experiment's runs page, parent runs expanded, in headless Chromium.
+
+    .venv/bin/python bench/mlflow_ui.py sqlite:///bench/out/fidelity-small/mlflow.db fidelity out.png
+
+Starts a light MLflow server on a free 127.0.0.1 port over the store, opens the experiment in
+Debian's Chromium (driven by Playwright, no browser download), expands the parent runs so their
+child runs show, saves the screenshot and prints the run names the page lists. The server is
+stopped whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags Chromium keeps dialling Google on a closed network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+EXPAND = "button[data-component-id*='runnamecellrenderer']"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(tracking_uri: str, log: Path):
+    """A light MLflow server (1 worker, no job runner) on 127.0.0.1; yields its base URL."""
+    port = free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    mlflow = Path(sys.executable).with_name("mlflow")
+    with open(log, "w") as fh:
+        server = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                                   "--backend-store-uri", tracking_uri], env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"MLflow server did not come up: {log.read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
+
+
+def capture(base_url: str, experiment_id: str, parent_names: list[str], png: Path,
+            child_names: list[str] = (), timeout_s: float = 90) -> str:
+    """Open the runs page, expand each named parent, wait for ``child_names``, screenshot; returns the grid text."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.goto(f"{base_url}/#/experiments/{experiment_id}/runs")
+            for name in parent_names:
+                row = page.locator("[role=row]", has_text=name).first
+                row.wait_for(timeout=timeout_s * 1000)
+                row.locator(EXPAND).click()
+            for name in child_names:
+                page.locator("[role=row]", has_text=name).first.wait_for(timeout=timeout_s * 1000)
+            page.wait_for_timeout(500)  # let the grid finish laying out before the picture
+            png.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(png), full_page=True)
+            return page.locator("[role=grid]").first.inner_text()
+        finally:
+            browser.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("tracking_uri")
+    parser.add_argument("experiment")
+    parser.add_argument("png", type=Path)
+    parser.add_argument("--expand", type=int, default=1, help="how many pipeline parent runs to expand (default 1)")
+    args = parser.parse_args()
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(args.tracking_uri)
+    exp = client.get_experiment_by_name(args.experiment)
+    if exp is None:
+        sys.exit(f"error: no experiment {args.experiment!r} in {args.tracking_uri}")
+    parents = client.search_runs([exp.experiment_id], "tags.`metakd.stage` = 'pipeline'",
+                                 order_by=["attributes.start_time ASC"])[:args.expand]
+    with mlflow_server(args.tracking_uri, args.png.with_suffix(".server.log")) as url:
+        text = capture(url, exp.experiment_id, [r.info.run_name for r in parents], args.png)
+    print(text)
+    print(f"screenshot: {args.png}")
+
+
+if __name__ == "__main__":
+    main()

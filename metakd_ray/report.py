@@ -1,0 +1,502 @@
+"""The comparison report: domain x method test accuracy over seeds, beside the paper, with plots.
+
+    metakd-ray report outputs/amazon                      # one run's results.json
+    metakd-ray report bench/out/fidelity                  # every */results.json below (seeds, settings)
+    metakd-ray report --experiment metakd-amazon          # every pipeline run in an MLflow experiment
+
+Runs are grouped by setting (the config's ``name``); each setting's seeds give mean ± std. The
+report is ``report.md`` plus PNGs (heatmap, accuracy vs size and latency, teacher/student gap,
+training curves) and ``report.json``, written atomically and logged to every source pipeline's
+MLflow parent run under ``report/``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from metakd_ray.errors import MetaKDError
+from metakd_ray.io import atomic_dir, read_json
+
+# Spec section 7, test accuracy in %: recalled from the paper, not checked against the PDF.
+PAPER_DOMAINS = {
+    "amazon": ["books", "dvd", "electronics", "kitchen"],
+    "mnli": ["fiction", "government", "slate", "telephone", "travel"],
+}
+PAPER_RESULTS = {
+    "amazon": {
+        "teacher single": [87.9, 83.8, 89.2, 90.6],
+        "teacher mix": [89.9, 85.9, 90.1, 92.1],
+        "teacher meta": [92.5, 87.0, 91.1, 89.2],
+        "tinybert_kd(single)": [83.4, 83.2, 89.2, 91.1],
+        "tinybert_kd(mix)": [88.4, 81.6, 89.7, 89.7],
+        "tinybert_kd(meta)": [89.9, 84.3, 87.3, 91.6],
+        "meta_kd": [91.5, 86.5, 90.1, 89.7],
+    },
+    "mnli": {
+        "teacher single": [82.2, 84.2, 76.7, 82.4, 84.2],
+        "teacher mix": [84.8, 87.2, 80.5, 83.8, 85.5],
+        "teacher meta": [85.1, 86.5, 81.0, 83.9, 85.5],
+        "tinybert_kd(single)": [78.8, 83.2, 73.6, 78.8, 81.9],
+        "tinybert_kd(mix)": [79.6, 83.3, 74.8, 79.0, 81.5],
+        "tinybert_kd(meta)": [80.3, 83.0, 75.1, 80.2, 81.6],
+        "meta_kd": [80.5, 83.7, 75.0, 80.5, 82.1],
+    },
+}
+PAPER_AVG = {
+    "amazon": {"teacher single": 87.9, "teacher mix": 89.5, "teacher meta": 89.9, "tinybert_kd(single)": 86.7,
+               "tinybert_kd(mix)": 87.3, "tinybert_kd(meta)": 88.3, "meta_kd": 89.4},
+    "mnli": {"teacher single": 81.9, "teacher mix": 84.4, "teacher meta": 84.4, "tinybert_kd(single)": 79.3,
+             "tinybert_kd(mix)": 79.6, "tinybert_kd(meta)": 80.0, "meta_kd": 80.4},
+}
+TEACHER_OF = {"meta_kd": "teacher meta", "tinybert_kd(meta)": "teacher meta", "tinybert_kd(mix)": "teacher mix",
+              "tinybert_kd(single)": "teacher single"}
+
+
+@dataclass
+class Setting:
+    """All seeds of one configuration (one ``name``)."""
+
+    name: str
+    domains: list[str]
+    runs: list[dict] = field(default_factory=list)
+
+    @property
+    def config(self) -> dict:
+        return self.runs[0].get("config", {})
+
+    def rows(self) -> list[str]:
+        names: list[str] = []
+        for r in self.runs:
+            for row in [f"teacher {k}" for k in r["teacher"]] + list(r["students"]):
+                if row not in names:
+                    names.append(row)
+        return names
+
+    def cells(self, row: str, key: str = "test_acc") -> np.ndarray:
+        """[seeds, domains] of ``key`` (NaN where a seed lacks the cell)."""
+        out = np.full((len(self.runs), len(self.domains)), np.nan)
+        for i, r in enumerate(self.runs):
+            table = _table(r, row)
+            for j, d in enumerate(self.domains):
+                if d in table and table[d].get(key) is not None:
+                    out[i, j] = table[d][key]
+        return out
+
+
+def _table(results: dict, row: str) -> dict:
+    """{domain: cell} of one row ("teacher <kind>" or a student method) of one results.json."""
+    if row.startswith("teacher "):
+        return results["teacher"].get(row[len("teacher "):], {})
+    return results["students"].get(row, {})
+
+
+# --------------------------------------------------------------------------- pure aggregation
+
+
+def mean_std(values: np.ndarray) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (ddof = 1; 0 for one value) and count of the finite values."""
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
+
+
+def seed_means(cells: np.ndarray) -> np.ndarray:
+    """Per-seed average over domains (seeds missing a domain are dropped)."""
+    return np.array([row.mean() for row in cells if np.isfinite(row).all()])
+
+
+def margins(setting: Setting, method: str = "meta_kd") -> dict[str, dict]:
+    """``method`` minus each other student row, on the domain average.
+
+    diff = mean_s(avg_d acc[method]) - mean_s(avg_d acc[other]); ``paired_std`` is the std over
+    seeds of the per-seed difference (seeds share data splits and teachers, so pairing is fair).
+    """
+    if method not in setting.rows():
+        return {}
+    ours = seed_means(setting.cells(method))
+    out = {}
+    for other in setting.rows():
+        if other == method or other.startswith("teacher "):
+            continue
+        theirs = seed_means(setting.cells(other))
+        n = min(len(ours), len(theirs))
+        if n == 0:
+            continue
+        paired = ours[:n] - theirs[:n]
+        out[other] = {"diff": float(ours.mean() - theirs.mean()), "paired_std": mean_std(paired)[1],
+                      "seeds_ahead": int((paired > 0).sum()), "seeds": n}
+    return out
+
+
+def summarize(settings: list[Setting]) -> dict:
+    """Everything the Markdown and the plots show, as plain numbers (report.json)."""
+    out = {}
+    for s in settings:
+        rows = {}
+        for row in s.rows():
+            acc = s.cells(row)
+            per_domain = {d: dict(zip(("mean", "std", "n"), mean_std(acc[:, j]))) for j, d in enumerate(s.domains)}
+            avg = mean_std(seed_means(acc))
+            run_ids = {c.get("run_id") for r in s.runs for c in _table(r, row).values()}
+            first_ids = {c.get("run_id") for c in _table(s.runs[0], row).values()}
+            rows[row] = {"per_domain": per_domain, "avg": dict(zip(("mean", "std", "n"), avg)),
+                         "shared": len(s.runs) > 1 and None not in run_ids and run_ids == first_ids,
+                         "params": _finite_mean(s.cells(row, "params")),
+                         "latency_ms": _finite_mean(s.cells(row, "latency_ms"))}
+        out[s.name] = {"domains": s.domains, "seeds": [r.get("student_seed", r.get("seed")) for r in s.runs],
+                       "target_fraction": s.config.get("data", {}).get("target_fraction", 1.0),
+                       "rows": rows, "meta_kd_margins": margins(s)}
+    return out
+
+
+def _finite_mean(values: np.ndarray) -> float | None:
+    v = values[np.isfinite(values)]
+    return float(v.mean()) if v.size else None
+
+
+def paper_table(domains: list[str]) -> tuple[str, dict] | None:
+    """(dataset, {row: stated Avg}) of the paper's table when ``domains`` are exactly its domains."""
+    for dataset, names in PAPER_DOMAINS.items():
+        if list(domains) == names:
+            return dataset, PAPER_AVG[dataset]
+    return None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_results(sources: list[str]) -> list[dict]:
+    """results.json contents from files, run directories, or directories of run directories."""
+    found: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_file():
+            found.append(path)
+        elif (path / "results.json").is_file():
+            found.append(path / "results.json")
+        elif path.is_dir() and sorted(path.glob("*/results.json")):
+            found.extend(sorted(path.glob("*/results.json")))
+        else:
+            raise MetaKDError(f"{path}: no results.json there (expected a run's output directory, a results.json "
+                              f"file, or a directory of run directories; run `metakd-ray run` first)")
+    out = []
+    for path in found:
+        data = read_json(path)
+        if not isinstance(data, dict) or not {"domains", "teacher", "students"} <= data.keys():
+            raise MetaKDError(f"{path}: not a metakd-ray results.json (expected keys domains, teacher, students)")
+        out.append(dict(data, source=str(path)))
+    return out
+
+
+def load_results_from_mlflow(experiment: str, tracking_uri: str) -> list[dict]:
+    """The results.json artifact of every pipeline parent run in ``experiment``."""
+    from mlflow import MlflowClient
+
+    from metakd_ray.tracking import STAGE
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        raise MetaKDError(f"--tracking-uri: no MLflow store at {tracking_uri} (the file does not exist)")
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise MetaKDError(f"--experiment: no MLflow experiment {experiment!r} at {tracking_uri} "
+                          f"(set --tracking-uri or MLFLOW_TRACKING_URI to the store that has it)")
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in client.search_runs([exp.experiment_id], filter_string=f"tags.`{STAGE}` = 'pipeline'",
+                                      max_results=1000):
+            try:
+                local = client.download_artifacts(run.info.run_id, "results.json", tmp)
+            except Exception:  # a pipeline that has not finished has no results.json yet
+                continue
+            out.append(dict(json.loads(Path(local).read_text()), source=f"mlflow run {run.info.run_id}"))
+    if not out:
+        raise MetaKDError(f"--experiment: no finished pipeline run (with a results.json artifact) in {experiment!r}")
+    return out
+
+
+def group(results: list[dict]) -> list[Setting]:
+    settings: dict[str, Setting] = {}
+    for r in sorted(results, key=lambda r: (r.get("name", ""), r.get("student_seed", r.get("seed", 0)))):
+        name = r.get("name") or "run"
+        s = settings.setdefault(name, Setting(name, list(r["domains"])))
+        if list(r["domains"]) != s.domains:
+            raise MetaKDError(f"{r['source']}: domains {r['domains']} differ from {s.domains} of another "
+                              f"run named {name!r} (give different settings different config names)")
+        s.runs.append(r)
+    return list(settings.values())
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _pm(mean: float, std: float, n: int, scale: float = 100.0, shared: bool = False) -> str:
+    if n == 0:
+        return "–"
+    if shared:
+        return f"{mean * scale:.1f} (shared)"
+    return f"{mean * scale:.1f} ± {std * scale:.1f}" if n > 1 else f"{mean * scale:.1f}"
+
+
+def markdown(settings: list[Setting], summary: dict, reductions: list[str], figures: list[str]) -> str:
+    lines = ["# metakd-ray comparison report", "",
+             "Test accuracy in %, mean ± std over seeds (sample std), averaged per seed over domains for "
+             "the Avg column.", ""]
+    for s in settings:
+        info = summary[s.name]
+        lines += [f"## Setting `{s.name}`", "",
+                  f"{len(s.runs)} run(s), seeds {info['seeds']}, target_fraction {info['target_fraction']}.", "",
+                  "| row | " + " | ".join(s.domains) + " | Avg |", "|---" * (len(s.domains) + 2) + "|"]
+        for row, cell in info["rows"].items():
+            per = [_pm(**cell["per_domain"][d], shared=cell["shared"]) for d in s.domains]
+            lines.append(f"| {row} | " + " | ".join(per) + f" | **{_pm(**cell['avg'], shared=cell['shared'])}** |")
+        lines.append("")
+        if any(cell["shared"] for cell in info["rows"].values()):
+            lines += ["(shared) = one trained model that every seed of this setting reused, so it has no spread.", ""]
+        if info["meta_kd_margins"]:
+            lines += ["Meta-KD minus each baseline student (domain average, points; ± = std over seeds of "
+                      "the paired difference):", ""]
+            for other, m in info["meta_kd_margins"].items():
+                verdict = "ahead" if m["diff"] > 0 else "behind"
+                lines.append(f"- vs `{other}`: {m['diff'] * 100:+.1f} ± {m['paired_std'] * 100:.1f} "
+                             f"({verdict}; ahead on {m['seeds_ahead']}/{m['seeds']} seeds)")
+            ahead_all = all(m["diff"] > 0 for m in info["meta_kd_margins"].values())
+            lines += ["", f"Meta-KD is {'ahead of every' if ahead_all else 'not ahead of every'} baseline "
+                      "student on the average in this setting.", ""]
+        gaps = teacher_gaps(info)
+        if gaps:
+            lines += ["Teacher → student gap (teacher Avg minus student Avg, points):", ""]
+            lines += [f"- `{row}` from `{teacher}`: {gap:+.1f}" for row, (teacher, gap) in gaps.items()] + [""]
+        paper = paper_table(s.domains)
+        if paper and info["target_fraction"] == 1.0:
+            dataset, rows = paper
+            lines += [f"Beside the paper's {dataset} table (spec §7, **recalled, not checked against the PDF**; "
+                      "BERT-base → TinyBERT-4L there, a smaller setting here):", "",
+                      "| row | ours Avg | paper Avg | ours − paper |", "|---|---|---|---|"]
+            for row, paper_avg in rows.items():
+                if row in info["rows"]:
+                    ours = info["rows"][row]["avg"]["mean"] * 100
+                    lines.append(f"| {row} | {ours:.1f} | {paper_avg:.1f} | {ours - paper_avg:+.1f} |")
+            lines.append("")
+    if reductions:
+        lines += ["## Reductions against the paper's protocol", ""] + [f"- {r}" for r in reductions] + [""]
+    if figures:
+        lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    sources = [r["source"] for s in settings for r in s.runs]
+    lines += ["## Sources", ""] + [f"- `{src}`" for src in sources] + [""]
+    return "\n".join(lines)
+
+
+def teacher_gaps(info: dict) -> dict[str, tuple[str, float]]:
+    rows = info["rows"]
+    return {row: (teacher, (rows[teacher]["avg"]["mean"] - rows[row]["avg"]["mean"]) * 100)
+            for row, teacher in TEACHER_OF.items() if row in rows and teacher in rows}
+
+
+def reductions_vs_paper(settings: list[Setting]) -> list[str]:
+    """What each setting runs smaller than spec section 6 (the ``amazon`` preset's values)."""
+    from metakd_ray.config import load_config
+
+    paper = load_config("amazon").to_dict()
+    keys = [("data", "max_length"), ("data", "max_train_per_domain"), ("data", "max_dev_per_domain"),
+            ("data", "max_test_per_domain"), ("teacher", "epochs"), ("teacher", "lr"), ("teacher", "batch_size"),
+            ("distill", "stage1_epochs"), ("distill", "stage1_lr"), ("distill", "stage2_epochs"),
+            ("distill", "stage2_lr"), ("distill", "temperature"), ("distill", "batch_size"),
+            ("model", "teacher"), ("model", "student_layers")]
+    out = []
+    for s in settings:
+        cfg = s.config
+        diffs = [f"{a}.{b} = {cfg[a][b]} (paper protocol: {paper[a][b] if paper[a][b] != 0 else 'all'})"
+                 for a, b in keys if a in cfg and cfg[a].get(b) != paper[a][b]]
+        if diffs:
+            out.append(f"`{s.name}`: " + "; ".join(diffs))
+    if out:
+        out.append("Model: the paper distils BERT-base (12 layers) into TinyBERT-4L; here the teacher is "
+                   "`model.teacher` and the student its first `model.student_layers` layers (same 3:1 depth ratio "
+                   "for MiniLM-L6 → 2 layers).")
+    return out
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def plot_heatmap(settings: list[Setting], summary: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    labels, matrix, columns = [], [], None
+    for s in settings:
+        columns = s.domains + ["Avg"]
+        for row, cell in summary[s.name]["rows"].items():
+            labels.append(row if len(settings) == 1 else f"{row} [{s.name}]")
+            matrix.append([cell["per_domain"][d]["mean"] for d in s.domains] + [cell["avg"]["mean"]])
+    values = np.array(matrix) * 100
+    fig, ax = plt.subplots(figsize=(1.4 * len(columns) + 3, 0.45 * len(labels) + 1.5))
+    im = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if np.isfinite(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", color="white", fontsize=8)
+    fig.colorbar(im, ax=ax, label="test accuracy (%)")
+    ax.set_title("Test accuracy, mean over seeds")
+    _save(fig, path)
+
+
+def plot_size_latency(settings: list[Setting], summary: dict, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    points, seen = [], set()
+    for s in settings:
+        for row, c in summary[s.name]["rows"].items():
+            if c["params"] is None or c["latency_ms"] is None or not np.isfinite(c["avg"]["mean"]) or row in seen:
+                continue
+            if row.startswith("teacher ") and c["shared"]:
+                seen.add(row)  # the same teacher in every setting: one point
+            label = row if len(settings) == 1 or row in seen else f"{row} [{s.name}]"
+            points.append((label, c["params"], c["latency_ms"], c["avg"]["mean"]))
+    if not points:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, index, xlabel in ((axes[0], 1, "encoder parameters (millions)"),
+                              (axes[1], 2, "latency (ms, batch 1, 1 thread)")):
+        for label, *vals in points:
+            x = vals[index - 1] / 1e6 if index == 1 else vals[index - 1]
+            ax.scatter(x, vals[2] * 100, marker="s" if label.startswith("teacher") else "o")
+            ax.annotate(label, (x, vals[2] * 100), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("Avg test accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Accuracy vs model size and latency")
+    _save(fig, path)
+    return True
+
+
+def plot_gaps(settings: list[Setting], summary: dict, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    bars = [(row if len(settings) == 1 else f"{row} [{s.name}]", gap)
+            for s in settings for row, (_, gap) in teacher_gaps(summary[s.name]).items()]
+    if not bars:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(bars) + 1.5))
+    ax.barh([b[0] for b in bars], [b[1] for b in bars], color="tab:orange")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("teacher Avg − student Avg (points)")
+    ax.set_title("Teacher → student gap")
+    _save(fig, path)
+    return True
+
+
+def curve_histories(settings: list[Setting], metric: str = "val/acc") -> dict:
+    """{setting: {row: {domain: [(step, value)]}}} from MLflow, for each setting's first seed."""
+    from mlflow import MlflowClient
+
+    out: dict = {}
+    for s in settings:
+        first = s.runs[0]
+        uri = first.get("mlflow", {}).get("tracking_uri")
+        if not uri:
+            continue
+        client = MlflowClient(uri)
+        for row in s.rows():
+            if row.startswith("teacher "):
+                continue
+            for d, cell in first["students"].get(row, {}).items():
+                try:
+                    history = client.get_metric_history(cell["run_id"], metric)
+                except Exception:  # store moved or unreachable: curves are optional
+                    continue
+                out.setdefault(s.name, {}).setdefault(row, {})[d] = sorted((m.step, m.value) for m in history)
+    return out
+
+
+def plot_curves(settings: list[Setting], histories: dict, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    if not histories:
+        return False
+    domains = settings[0].domains
+    fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.5), squeeze=False)
+    for j, d in enumerate(domains):
+        ax = axes[0, j]
+        for setting, rows in histories.items():
+            for row, per in rows.items():
+                if per.get(d):
+                    steps, values = zip(*per[d])
+                    ax.plot(steps, np.array(values) * 100, label=row if len(histories) == 1 else f"{row} [{setting}]")
+        ax.set_title(d)
+        ax.set_xlabel("student step")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("dev accuracy (%)")
+    axes[0, -1].legend(fontsize=7)
+    fig.suptitle("Student dev accuracy during training (first seed)")
+    _save(fig, path)
+    return True
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_report(results: list[dict], out_dir: Path, log_to_mlflow: bool = True) -> dict:
+    """Write report.md, report.json and the figures to ``out_dir`` (atomically); return the summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    settings = group(results)
+    summary = summarize(settings)
+    reductions = reductions_vs_paper(settings)
+    with atomic_dir(out_dir) as tmp:
+        figures = ["heatmap.png"]
+        plot_heatmap(settings, summary, tmp / "heatmap.png")
+        if plot_size_latency(settings, summary, tmp / "size_latency.png"):
+            figures.append("size_latency.png")
+        if plot_gaps(settings, summary, tmp / "gap.png"):
+            figures.append("gap.png")
+        if plot_curves(settings, curve_histories(settings), tmp / "curves.png"):
+            figures.append("curves.png")
+        (tmp / "report.md").write_text(markdown(settings, summary, reductions, figures))
+        (tmp / "report.json").write_text(json.dumps({"settings": summary, "reductions": reductions}, indent=2) + "\n")
+    if log_to_mlflow:
+        log_report(results, out_dir)
+    print(markdown_table_preview(settings, summary))
+    print(f"report: {out_dir / 'report.md'}")
+    return summary
+
+
+def log_report(results: list[dict], out_dir: Path) -> None:
+    from mlflow import MlflowClient
+
+    parents = {(r["mlflow"]["tracking_uri"], r["mlflow"]["parent_run_id"]) for r in results if r.get("mlflow")}
+    for uri, run_id in sorted(parents):
+        try:
+            MlflowClient(uri).log_artifacts(run_id, str(out_dir), "report")
+        except Exception as exc:  # the report itself is written; a moved store only loses the copy
+            print(f"[report] could not log to MLflow run {run_id} at {uri}: {type(exc).__name__}: {exc}")
+
+
+def markdown_table_preview(settings: list[Setting], summary: dict) -> str:
+    lines = []
+    for s in settings:
+        header = f"{s.name + ' (test %)':<28}" + "".join(f"{d[:11]:>15}" for d in s.domains) + f"{'Avg':>15}"
+        lines += [header, "-" * len(header)]
+        for row, cell in summary[s.name]["rows"].items():
+            lines.append(f"{row:<28}" + "".join(f"{_pm(**cell['per_domain'][d], shared=cell['shared']):>15}"
+                                                 for d in s.domains)
+                         + f"{_pm(**cell['avg'], shared=cell['shared']):>15}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""The comparison report (pure aggregation and the real thing over two real pipeline runs), and the
+MLflow UI showing a pipeline parent with its child runs in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, write_config
+
+from metakd_ray.config import load_config
+from metakd_ray.report import Setting, margins, mean_std, summarize
+
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def fake_results(name: str, seed: int, accs: dict[str, list[float]], domains=("books", "kitchen")) -> dict:
+    return {"name": name, "seed": 42, "student_seed": seed, "domains": list(domains),
+            "teacher": {"meta": {d: {"dev_acc": 0.9, "test_acc": 0.9} for d in domains}},
+            "students": {m: {d: {"test_acc": a, "dev_acc": a, "params": 1e6, "latency_ms": 2.0}
+                             for d, a in zip(domains, values)} for m, values in accs.items()},
+            "config": {"data": {"target_fraction": 1.0}}, "source": f"seed{seed}"}
+
+
+def test_mean_std_and_meta_kd_margins_are_hand_computable():
+    mean, std, n = mean_std(np.array([0.8, 0.9, np.nan]))
+    assert (round(mean, 6), round(std, 6), n) == (0.85, round(np.sqrt(0.005), 6), 2)
+    runs = [fake_results("s", 0, {"meta_kd": [0.80, 0.90], "no_kd": [0.70, 0.80]}),
+            fake_results("s", 1, {"meta_kd": [0.70, 0.80], "no_kd": [0.80, 0.80]})]
+    setting = Setting("s", ["books", "kitchen"], runs)
+    m = margins(setting)["no_kd"]
+    # per-seed averages: meta_kd 0.85, 0.75; no_kd 0.75, 0.80 -> paired differences +0.10, -0.05
+    assert m["diff"] == pytest.approx(0.025)
+    assert m["paired_std"] == pytest.approx(np.std([0.10, -0.05], ddof=1))
+    assert (m["seeds_ahead"], m["seeds"]) == (1, 2)
+    rows = summarize([setting])["s"]["rows"]
+    assert rows["meta_kd"]["per_domain"]["books"]["mean"] == pytest.approx(0.75)
+    assert rows["meta_kd"]["avg"]["std"] == pytest.approx(np.std([0.85, 0.75], ddof=1))
+    assert rows["teacher meta"]["avg"]["mean"] == pytest.approx(0.9)
+
+
+# --------------------------------------------------------------------------- real pipeline runs
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory, tiny_amazon, tiny_teacher):
+    """Two real tiny pipeline runs (student seeds 0 and 1, one shared teacher) in one MLflow store."""
+    import ray
+
+    from metakd_ray.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("report")
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    outs = []
+    try:
+        for seed in (0, 1):
+            out = root / f"seed{seed}"
+            config = write_config(root / f"seed{seed}.yaml", tiny_amazon, tiny_teacher, out,
+                                  name="tiny", tracking={"tracking_uri": store, "experiment": "report-test"},
+                                  distill={"seed": seed})
+            if seed:  # the same teacher for every student seed, as bench/fidelity.py does
+                out.mkdir()
+                (out / "teachers").symlink_to(outs[0] / "teachers", target_is_directory=True)
+            run_pipeline(load_config(str(config)), ["meta_kd", "no_kd"])
+            outs.append(out)
+    finally:
+        ray.shutdown()
+    return root, store, outs
+
+
+@pytest.mark.ray
+def test_report_over_seeds_from_directories_and_from_mlflow(two_seeds, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from metakd_ray.cli import main
+
+    root, store, outs = two_seeds
+    first, second = (json.loads((o / "results.json").read_text()) for o in outs)
+    assert first["teacher"] == second["teacher"], "the second seed retrained the shared teacher"
+    assert main(["report", str(outs[0]), str(outs[1]), "--out", str(tmp_path / "report")]) == 0
+    report = tmp_path / "report"
+    for name in ("report.md", "report.json", "heatmap.png", "size_latency.png", "gap.png", "curves.png"):
+        assert (report / name).is_file(), name
+    summary = json.loads((report / "report.json").read_text())["settings"]["tiny"]
+    assert summary["seeds"] == [0, 1]
+    for d in ("books", "kitchen"):
+        want = np.mean([first["students"]["meta_kd"][d]["test_acc"], second["students"]["meta_kd"][d]["test_acc"]])
+        assert summary["rows"]["meta_kd"]["per_domain"][d]["mean"] == pytest.approx(want)
+    assert summary["rows"]["teacher meta"]["latency_ms"] > summary["rows"]["meta_kd"]["latency_ms"] > 0
+    assert set(summary["meta_kd_margins"]) == {"no_kd"}
+    md = (report / "report.md").read_text()
+    assert "| meta_kd |" in md and "±" in md and "vs `no_kd`" in md and "max_length = 32" in md
+    assert "meta_kd" in capsys.readouterr().out
+
+    # logged to each pipeline parent run
+    client = MlflowClient(store)
+    for r in (first, second):
+        names = {a.path for a in client.list_artifacts(r["mlflow"]["parent_run_id"], "report")}
+        assert "report/report.md" in names and "report/heatmap.png" in names
+
+    # the same report from the MLflow experiment alone
+    assert main(["report", "--experiment", "report-test", "--tracking-uri", store, "--out", str(tmp_path / "r2")]) == 0
+    from_mlflow = json.loads((tmp_path / "r2" / "report.json").read_text())["settings"]["tiny"]
+    assert from_mlflow["rows"]["meta_kd"]["avg"] == pytest.approx(summary["rows"]["meta_kd"]["avg"])
+
+
+def test_bad_report_sources_fail_cleanly_and_keep_the_old_report(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from metakd_ray.cli import main
+
+    old = tmp_path / "report"
+    old.mkdir()
+    (old / "report.md").write_text("earlier report")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.json").write_text('{"domains": ["books"]}')
+    store = tmp_path / "empty.db"
+    MlflowClient(f"sqlite:///{store}").search_experiments()  # an existing store without the experiment
+    capsys.readouterr()
+    for argv in (["report", str(tmp_path / "missing")], ["report", str(bad), "--out", str(old)], ["report"],
+                 ["report", "--experiment", "nope", "--tracking-uri", f"sqlite:///{tmp_path / 'x.db'}"],
+                 ["report", "--experiment", "nope", "--tracking-uri", f"sqlite:///{store}"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+    assert (old / "report.md").read_text() == "earlier report"
+
+
+# --------------------------------------------------------------------------- the MLflow UI in a browser
+
+
+def chromium_or_skip() -> None:
+    from mlflow_ui import CHROMIUM
+
+    missing = [what for what, ok in (("Debian chromium", Path(CHROMIUM).is_file()),
+                                     ("playwright", _importable("playwright"))) if not ok]
+    if missing:
+        message = f"browser test needs {' and '.join(missing)} (.ci/run installs them: apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.browser
+@pytest.mark.ray
+def test_mlflow_ui_lists_the_pipeline_parent_and_its_child_runs(two_seeds, tmp_path):
+    chromium_or_skip()
+    from mlflow import MlflowClient
+    from mlflow_ui import capture, mlflow_server
+
+    root, store, outs = two_seeds
+    results = json.loads((outs[0] / "results.json").read_text())
+    client = MlflowClient(store)
+    parent = client.get_run(results["mlflow"]["parent_run_id"])
+    children = client.search_runs([results["mlflow"]["experiment_id"]],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    child_names = sorted({c.info.run_name for c in children})
+    assert {"student-meta_kd-books", "student-no_kd-kitchen", "teacher-meta"} <= set(child_names)
+
+    png = tmp_path / "mlflow-ui.png"
+    with mlflow_server(store, tmp_path / "server.log") as url:
+        text = capture(url, results["mlflow"]["experiment_id"], [parent.info.run_name], png, child_names)
+    assert parent.info.run_name in text
+    for name in child_names:
+        assert name in text, f"{name} not listed under its parent:\n{text}"
+    assert png.stat().st_size > 20_000
+    shutil.copy(png, root / "mlflow-ui.png")  # kept beside the store for a look after a failure
