@@ -1,7 +1,7 @@
 """Fidelity: does Meta-KD beat the baseline students on the real Amazon reviews, over seeds?
 
     .venv/bin/python bench/fidelity.py --budget small     # ~25 min on 2 cores (6 of them teachers)
-    .venv/bin/python bench/fidelity.py                    # --budget full, ~60-90 min on 2 cores
+    .venv/bin/python bench/fidelity.py                    # --budget full, ~70-90 min on 2 cores
 
 The `amazon` preset (MiniLM-L6 teacher -> its first 2 layers) with the paper's rows: `no_kd`,
 `tinybert_kd` from the single / mix / meta teachers, and `meta_kd`, over 3 student seeds; plus the
@@ -38,8 +38,9 @@ BUDGETS = {
     "small": COMMON + ["data.max_train_per_domain=200", "data.max_dev_per_domain=60", "teacher.epochs=2",
                        "distill.batch_size=8", "distill.eval_every=25", "distill.stage1_epochs=1",
                        "distill.stage2_epochs=4", "distill.no_kd_epochs=5"],
-    "full": COMMON + ["data.max_train_per_domain=800", "data.max_dev_per_domain=100", "teacher.epochs=2",
-                      "distill.batch_size=16", "distill.eval_every=20", "distill.stage1_epochs=2",
+    # 500 reviews per domain: at ~60 student examples/s on 2 cores, 800 would overrun 90 minutes.
+    "full": COMMON + ["data.max_train_per_domain=500", "data.max_dev_per_domain=80", "teacher.epochs=2",
+                      "distill.batch_size=16", "distill.eval_every=40", "distill.stage1_epochs=2",
                       "distill.stage2_epochs=4", "distill.no_kd_epochs=6"],
 }
 SETTINGS = {  # name -> (target_fraction, methods)

@@ -10,7 +10,7 @@
    over the timed plain loop) vs this machine's measured fp32 matmul peak on the same threads.
 5. Peak resident memory per stage, each stage run alone in a fresh process (what one worker needs).
 
-Prints one table and writes bench/results/performance.json. Reports, never asserts.
+Prints one table and writes bench/results/performance.json and performance.md. Reports, never asserts.
 """
 
 from __future__ import annotations
@@ -207,8 +207,27 @@ def main() -> None:
     print("[performance] 5/5 memory per stage", flush=True)
     memory = stage_memory()
 
-    cache_speedup = cache["recompute"]["epoch_seconds"] / cache["cached"]["epoch_seconds"]
-    rows = [
+    import ray
+
+    result = {"quick": args.quick, "threads": args.threads, "seconds": round(time.time() - started, 1),
+              "teacher_throughput": throughput, "student_fanout": fanout, "teacher_cache": cache,
+              "cache_speedup": cache["recompute"]["epoch_seconds"] / cache["cached"]["epoch_seconds"],
+              "matmul_peak_flop_s": peak, "training_flops": flops, "memory": memory,
+              "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
+                          "torch": torch.__version__, "ray": ray.__version__}}
+    result["ratios"] = {name.strip(): value for name, value, _ in ratio_rows(result)}
+    print("\n" + text_table(result))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "performance.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "performance.md").write_text(markdown(result))
+    print(f"\nwrote {RESULTS / 'performance.json'} and performance.md ({result['seconds']:.0f}s)")
+
+
+def ratio_rows(result: dict) -> list[tuple[str, float, str]]:
+    """(measure, ratio, detail) for each ratio, from a result dict (fresh or loaded from the JSON)."""
+    throughput, fanout, cache = result["teacher_throughput"], result["student_fanout"], result["teacher_cache"]
+    flops, peak, threads = result["training_flops"], result["matmul_peak_flop_s"], result["threads"]
+    return [
         ("Ray Train / plain loop (teacher samples/s)", throughput["ratio_ray_over_plain"],
          f"{throughput['ray_train_samples_per_s']:.1f} vs {throughput['plain_samples_per_s']:.1f} samples/s; "
          "target >= 0.95"),
@@ -217,32 +236,35 @@ def main() -> None:
         (f"{fanout['k']} parallel / sequential student tasks (speed-up)", fanout["speedup"],
          f"{fanout['sequential_s']:.1f}s vs {fanout['parallel_s']:.1f}s"),
         ("  efficiency per core", fanout["efficiency_per_core"], "speed-up / K"),
-        ("cached / recomputed teacher (stage-1 speed-up)", cache_speedup,
+        ("cached / recomputed teacher (stage-1 speed-up)", result["cache_speedup"],
          f"{cache['recompute']['epoch_seconds']:.1f}s vs {cache['cached']['epoch_seconds']:.1f}s per epoch; "
          "target >= 2"),
         ("teacher step FLOP/s / matmul peak", flops["achieved_flop_s"] / peak,
-         f"{flops['achieved_flop_s'] / 1e9:.1f} vs {peak / 1e9:.1f} GFLOP/s on {args.threads} threads"),
+         f"{flops['achieved_flop_s'] / 1e9:.1f} vs {peak / 1e9:.1f} GFLOP/s on {threads} threads"),
     ]
-    print(f"\n{'measure':<50}{'ratio':>8}   detail")
-    print("-" * 110)
-    for name, value, detail in rows:
-        print(f"{name:<50}{value:>8.3f}   {detail}")
-    print(f"\n{'stage (fresh process)':<24}{'peak RSS MB':>12}{'after imports MB':>18}")
-    for name, m in memory.items():
-        print(f"{name:<24}{m['peak_rss_bytes'] / 1e6:>12.0f}{m['after_imports_bytes'] / 1e6:>18.0f}")
 
-    import ray
 
-    result = {"quick": args.quick, "threads": args.threads, "seconds": round(time.time() - started, 1),
-              "ratios": {name.strip(): value for name, value, _ in rows},
-              "teacher_throughput": throughput, "student_fanout": fanout, "teacher_cache": cache,
-              "cache_speedup": cache_speedup, "matmul_peak_flop_s": peak, "training_flops": flops,
-              "memory": memory,
-              "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
-                          "torch": torch.__version__, "ray": ray.__version__}}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "performance.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {RESULTS / 'performance.json'} ({result['seconds']:.0f}s)")
+def text_table(result: dict) -> str:
+    lines = [f"{'measure':<50}{'ratio':>8}   detail", "-" * 110]
+    lines += [f"{name:<50}{value:>8.3f}   {detail}" for name, value, detail in ratio_rows(result)]
+    lines += ["", f"{'stage (fresh process)':<24}{'peak RSS MB':>12}{'after imports MB':>18}"]
+    lines += [f"{name:<24}{m['peak_rss_bytes'] / 1e6:>12.0f}{m['after_imports_bytes'] / 1e6:>18.0f}"
+              for name, m in result["memory"].items()]
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    machine = result["machine"]
+    lines = ["# metakd-ray performance", "",
+             f"{machine['cpus']} CPUs, torch {machine['torch']}, ray {machine['ray']}, "
+             f"{result['threads']} threads{', --quick' if result['quick'] else ''}; {result['seconds']:.0f} s in all.",
+             "", "| measure | ratio | detail |", "|---|---|---|"]
+    lines += [f"| {name.strip()} | {value:.3f} | {detail} |" for name, value, detail in ratio_rows(result)]
+    lines += ["", "Peak resident memory of each stage, run alone in a fresh process with its caches wiped:", "",
+              "| stage | peak RSS MB | after imports MB |", "|---|---|---|"]
+    lines += [f"| {name} | {m['peak_rss_bytes'] / 1e6:.0f} | {m['after_imports_bytes'] / 1e6:.0f} |"
+              for name, m in result["memory"].items()]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
