@@ -1,7 +1,7 @@
 """Fidelity: does Meta-KD beat the baseline students on the real Amazon reviews, over seeds?
 
     .venv/bin/python bench/fidelity.py --budget small     # ~25 min on 2 cores (6 of them teachers)
-    .venv/bin/python bench/fidelity.py                    # --budget full, ~70-90 min on 2 cores
+    .venv/bin/python bench/fidelity.py                    # --budget full, ~60 min on 2 cores (measured 58)
 
 The `amazon` preset (MiniLM-L6 teacher -> its first 2 layers) with the paper's rows: `no_kd`,
 `tinybert_kd` from the single / mix / meta teachers, and `meta_kd`, over 3 student seeds; plus the
