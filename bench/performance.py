@@ -19,14 +19,12 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -100,18 +98,14 @@ def matmul_peak(threads: int, n: int = 2048, repeats: int = 8) -> float:
 def training_flops(steps: int, threads: int, batch_size: int) -> dict:
     """Matmul FLOPs of the teacher's training steps and the FLOP/s the timed plain loop achieves."""
     from torch.utils.flop_counter import FlopCounterMode
-    from teacher_throughput import plain_loop
+    from teacher_throughput import plain_loop, plain_loop_inputs
 
     from metakd_ray.data import prepare
     from metakd_ray.prototypes import compute_prototype_scores
-    from metakd_ray.teacher import loop_settings
 
-    cfg = quickstart(f"teacher.batch_size={batch_size}", "teacher.num_workers=1")
+    cfg = quickstart(f"teacher.batch_size={batch_size}", "teacher.num_workers=1", f"teacher.cpus_per_worker={threads}")
     data = prepare(cfg, quiet=True)
-    scores = compute_prototype_scores(cfg, data, quiet=True)
-    train = data.splits["train"].take(np.arange(steps * batch_size) % len(data.splits["train"]))
-    weights = np.array([scores[u] for u in train.uids], dtype=np.float32)
-    settings = dict(loop_settings(cfg, data, "meta"), threads=threads, epochs=1.0, eval_every=10**9)
+    settings, train, weights = plain_loop_inputs(cfg, data, compute_prototype_scores(cfg, data, quiet=True), steps)
     samples_per_s = plain_loop(settings, train, weights, steps)
     with FlopCounterMode(display=False) as counter:  # same batches again, counted not timed
         plain_loop(settings, train, weights, steps)
@@ -145,18 +139,14 @@ def _stage(name: str, queue) -> None:
     out = WORK / "memory" / name
     shutil.rmtree(out, ignore_errors=True)  # an earlier run's caches would hide the stage's real work
     cfg = quickstart("distill.stage1_epochs=1", "distill.stage2_epochs=1", "data.max_train_per_domain=64",
-                     f"output_dir={out}")
+                     "teacher.cpus_per_worker=2", f"output_dir={out}")
     data = prepare(cfg, quiet=True)
     if name != "prepare":
         scores = compute_prototype_scores(cfg, data, quiet=True)
     if name == "teacher":
-        from teacher_throughput import plain_loop
+        from teacher_throughput import plain_loop, plain_loop_inputs
 
-        from metakd_ray.teacher import loop_settings
-
-        settings = dict(loop_settings(cfg, data, "meta"), threads=2, epochs=1.0, eval_every=10**9)
-        train = data.splits["train"]
-        plain_loop(settings, train, np.array([scores[u] for u in train.uids], dtype=np.float32), 8)
+        plain_loop(*plain_loop_inputs(cfg, data, scores, 8), 8)
     if name == "student":
         teacher = build_teacher(cfg.model.teacher, len(data.labels), len(data.domains))
         save_model(teacher, cfg.out / "teacher", {"kind": "meta"})
@@ -207,14 +197,13 @@ def main() -> None:
     print("[performance] 5/5 memory per stage", flush=True)
     memory = stage_memory()
 
-    import ray
+    from teacher_throughput import machine_info
 
     result = {"quick": args.quick, "threads": args.threads, "seconds": round(time.time() - started, 1),
               "teacher_throughput": throughput, "student_fanout": fanout, "teacher_cache": cache,
               "cache_speedup": cache["recompute"]["epoch_seconds"] / cache["cached"]["epoch_seconds"],
               "matmul_peak_flop_s": peak, "training_flops": flops, "memory": memory,
-              "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
-                          "torch": torch.__version__, "ray": ray.__version__}}
+              "machine": machine_info()}
     result["ratios"] = {name.strip(): value for name, value, _ in ratio_rows(result)}
     print("\n" + text_table(result))
     RESULTS.mkdir(exist_ok=True)

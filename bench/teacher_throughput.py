@@ -65,6 +65,24 @@ def ray_loop(settings: dict, train, dev, weights: np.ndarray, storage: Path) -> 
     return trainer.fit().metrics["train/samples_per_s"]
 
 
+def plain_loop_inputs(cfg, data, scores: dict, steps: int) -> tuple[dict, object, np.ndarray]:
+    """(loop settings, training split, t weights) for exactly ``steps`` meta-teacher batches: one pass,
+    no evaluation, threads and batch size from ``cfg.teacher``."""
+    from metakd_ray.teacher import loop_settings
+
+    train = data.splits["train"]
+    train = train.take(np.arange(steps * cfg.teacher.batch_size) % len(train))
+    weights = np.array([scores[u] for u in train.uids], dtype=np.float32)
+    return dict(loop_settings(cfg, data, "meta"), epochs=1.0, eval_every=10**9), train, weights
+
+
+def machine_info() -> dict:
+    import ray
+
+    return {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
+            "torch": torch.__version__, "ray": ray.__version__}
+
+
 def measure_throughput(steps: int = 40, threads: int = 2, batch_size: int = 16) -> dict:
     """Samples/s of the plain loop, the plain loop beside an idle Ray, and the Ray Train loop."""
     import ray
@@ -72,19 +90,13 @@ def measure_throughput(steps: int = 40, threads: int = 2, batch_size: int = 16) 
     from metakd_ray.config import load_config
     from metakd_ray.data import prepare
     from metakd_ray.prototypes import compute_prototype_scores
-    from metakd_ray.teacher import loop_settings
 
     out = Path("outputs/bench-throughput").resolve()
     cfg = load_config("quickstart", [f"output_dir={out}", f"teacher.batch_size={batch_size}",
                                      "teacher.num_workers=1", f"teacher.cpus_per_worker={threads}"])
     data = prepare(cfg, quiet=True)
-    scores = compute_prototype_scores(cfg, data, quiet=True)
-    train = data.splits["train"]
-    train = train.take(np.arange(steps * batch_size) % len(train))  # exactly `steps` batches
-    weights = np.array([scores[u] for u in train.uids], dtype=np.float32)
+    settings, train, weights = plain_loop_inputs(cfg, data, compute_prototype_scores(cfg, data, quiet=True), steps)
     dev = data.splits["dev"].take(np.arange(8))  # one tiny evaluation at the end, outside the timed window
-    settings = loop_settings(cfg, data, "meta")
-    settings.update(epochs=1.0, eval_every=10**9)
 
     plain = plain_loop(settings, train, weights, steps)
     ray.init(num_cpus=threads, include_dashboard=True, dashboard_host="127.0.0.1",
@@ -110,11 +122,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 
-    import ray
-
     result = measure_throughput(args.steps, args.threads, args.batch_size)
-    result["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": platform.platform(),
-                         "torch": torch.__version__, "ray": ray.__version__}
+    result["machine"] = machine_info()
     plain, plain_beside_ray, on_ray = (result[k] for k in ("plain_samples_per_s", "plain_beside_idle_ray_samples_per_s",
                                                             "ray_train_samples_per_s"))
     print(f"{'loop':<34}{'samples/s':>12}")
