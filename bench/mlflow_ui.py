@@ -35,15 +35,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(tracking_uri: str, log: Path):
-    """A light MLflow server (1 worker, no job runner) on 127.0.0.1; yields its base URL."""
+def mlflow_server(tracking_uri: str, log: Path, artifacts: Path | None = None):
+    """A light MLflow server (1 worker, no job runner) on 127.0.0.1; yields its base URL. With
+    ``artifacts``, it stores the artifacts that clients upload to it there."""
     port = free_port()
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     mlflow = Path(sys.executable).with_name("mlflow")
+    extra = ["--artifacts-destination", str(artifacts)] if artifacts else []
     with open(log, "w") as fh:
         server = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                                   "--backend-store-uri", tracking_uri], env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+                                   "--backend-store-uri", tracking_uri, *extra], env=env, stdout=fh,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

@@ -55,7 +55,7 @@ def student_fanout(k: int, epochs: float) -> dict:
     """Wall seconds for K students one at a time vs all K at once, as 1-CPU Ray tasks."""
     import ray
 
-    from metakd_ray.data import prepare
+    from metakd_ray.data.prepare import prepare
 
     cfg = quickstart(f"distill.no_kd_epochs={epochs}")
     data = prepare(cfg, quiet=True)
@@ -100,7 +100,7 @@ def training_flops(steps: int, threads: int, batch_size: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
     from teacher_throughput import plain_loop, plain_loop_inputs
 
-    from metakd_ray.data import prepare
+    from metakd_ray.data.prepare import prepare
     from metakd_ray.prototypes import compute_prototype_scores
 
     cfg = quickstart(f"teacher.batch_size={batch_size}", "teacher.num_workers=1", f"teacher.cpus_per_worker={threads}")
@@ -130,8 +130,10 @@ def _peak_rss_bytes() -> int:
 def _stage(name: str, queue) -> None:
     """Run one stage alone in this (fresh) process; report its peak RSS and the import baseline."""
     torch.set_num_threads(2)
-    from metakd_ray.data import prepare
-    from metakd_ray.distill import StudentJob, compute_teacher_targets, distill_student
+    from safetensors.torch import load_file
+
+    from metakd_ray.data.prepare import prepare
+    from metakd_ray.distill import StudentJob, compute_teacher_outputs, distill_student
     from metakd_ray.models import build_teacher, save_model
     from metakd_ray.prototypes import compute_prototype_scores
 
@@ -151,9 +153,10 @@ def _stage(name: str, queue) -> None:
         teacher = build_teacher(cfg.model.teacher, len(data.labels), len(data.domains))
         save_model(teacher, cfg.out / "teacher", {"kind": "meta"})
         path = cfg.out / "targets.safetensors"
-        compute_teacher_targets(cfg, data, teacher, "books", scores, True, path)
+        compute_teacher_outputs(cfg, data, teacher, "books", scores, True, path)
         del teacher
-        distill_student(cfg, data, StudentJob("meta_kd", "books"), cfg.out / "teacher", path, log=lambda *_: None)
+        distill_student(cfg, data, StudentJob("meta_kd", "books"), cfg.out / "teacher", load_file(path),
+                        log=lambda *_: None)
     queue.put((baseline, _peak_rss_bytes()))
 
 

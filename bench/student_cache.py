@@ -25,9 +25,11 @@ RESULTS = Path(__file__).parent / "results"
 
 def cache_timings(domain: str = "books", out: Path = Path("outputs/bench-cache")) -> dict:
     """{mode: build/epoch seconds, steps, cache bytes} for one stage-1 epoch, recompute vs cached."""
+    from safetensors.torch import load_file
+
     from metakd_ray.config import load_config
-    from metakd_ray.data import prepare
-    from metakd_ray.distill import StudentJob, compute_teacher_targets, distill_student
+    from metakd_ray.data.prepare import prepare
+    from metakd_ray.distill import StudentJob, compute_teacher_outputs, distill_student
     from metakd_ray.models import build_teacher, save_model
     from metakd_ray.prototypes import compute_prototype_scores
 
@@ -46,9 +48,9 @@ def cache_timings(domain: str = "books", out: Path = Path("outputs/bench-cache")
         path = out / f"targets-{mode}.safetensors"
         path.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        compute_teacher_targets(cfg, data, teacher, domain, scores, internals, path)
+        compute_teacher_outputs(cfg, data, teacher, domain, scores, internals, path)
         build = time.perf_counter() - t0
-        r = distill_student(cfg, data, job, teacher_dir, path, log=lambda *_: None)["result"]
+        r = distill_student(cfg, data, job, teacher_dir, load_file(path), log=lambda *_: None)["result"]
         timings[mode] = {"build_seconds": build, "epoch_seconds": r["train_seconds"], "steps": r["steps"],
                          "cache_bytes": path.stat().st_size}
     return timings

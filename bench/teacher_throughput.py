@@ -26,15 +26,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).parent / "results"
 
 
-def plain_loop(settings: dict, train, weights: np.ndarray, steps: int) -> float:
+def plain_loop(settings: dict, train, weights: np.ndarray, steps: int, device: torch.device | None = None) -> float:
+    """Samples/s of ``steps`` teacher steps in one process, with no Ray: the same model, batches and
+    ``train_step`` as a Ray Train worker, on ``device`` (default CPU)."""
     from metakd_ray.models import build_teacher
     from metakd_ray.teacher import train_step
     from metakd_ray.training import batch_at, epoch_order, make_optimizer, seed_everything
 
+    device = device or torch.device("cpu")
     torch.set_num_threads(settings["threads"])
     seed_everything(settings["seed"])
     model = build_teacher(settings["model_name"], settings["num_labels"], settings["num_domains"], settings["dropout"])
-    model.train()
+    model.to(device).train()
     optimizer, scheduler = make_optimizer(model, settings["lr"], settings["weight_decay"], steps,
                                           settings["warmup_fraction"])
     tensors, w = train.tensors(), torch.tensor(weights)
@@ -44,25 +47,21 @@ def plain_loop(settings: dict, train, weights: np.ndarray, steps: int) -> float:
     for step in range(steps):
         epoch, pos = divmod(step, per_epoch)
         index = epoch_order(len(train), settings["seed"], epoch)[pos * bs:(pos + 1) * bs]
-        train_step(model, optimizer, scheduler, batch_at(tensors, index), w[index], settings, step, 0)
+        train_step(model, optimizer, scheduler, batch_at(tensors, index, device), w[index].to(device), settings,
+                   step, 0)
         samples += len(index)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return samples / (time.perf_counter() - start)
 
 
-def ray_loop(settings: dict, train, dev, weights: np.ndarray, storage: Path) -> float:
+def ray_loop(cfg, settings: dict, train, dev, weights: np.ndarray, storage: Path) -> float:
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from metakd_ray.teacher import train_loop_per_worker
+    from metakd_ray.teacher import make_trainer
 
     config = dict(settings, train=ray.put(train), dev=ray.put(dev), weights=ray.put(weights), run=None)
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=config, torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": settings["threads"]}),
-        run_config=RunConfig(name=f"bench-{int(time.time())}", storage_path=str(storage)),
-    )
-    return trainer.fit().metrics["train/samples_per_s"]
+    return make_trainer(cfg, config, f"bench-{int(time.time())}", str(storage)).fit().metrics["train/samples_per_s"]
 
 
 def plain_loop_inputs(cfg, data, scores: dict, steps: int) -> tuple[dict, object, np.ndarray]:
@@ -88,7 +87,7 @@ def measure_throughput(steps: int = 40, threads: int = 2, batch_size: int = 16) 
     import ray
 
     from metakd_ray.config import load_config
-    from metakd_ray.data import prepare
+    from metakd_ray.data.prepare import prepare
     from metakd_ray.prototypes import compute_prototype_scores
 
     out = Path("outputs/bench-throughput").resolve()
@@ -105,7 +104,7 @@ def measure_throughput(steps: int = 40, threads: int = 2, batch_size: int = 16) 
         # The same plain loop again while Ray's daemons (GCS, raylet, dashboard) idle beside it:
         # separates the cost of sharing 2 cores with them from the cost of the Train loop itself.
         plain_beside_ray = plain_loop(settings, train, weights, steps)
-        on_ray = ray_loop(settings, train, dev, weights, out / "ray")
+        on_ray = ray_loop(cfg, settings, train, dev, weights, out / "ray")
     finally:
         ray.shutdown()
     return {"steps": steps, "batch_size": batch_size, "threads": threads,

@@ -87,7 +87,7 @@ def _dispatch(args) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     if args.command == "prepare":
-        from metakd_ray.data import prepare
+        from metakd_ray.data.prepare import prepare
 
         prepare(cfg)
         print(f"splits: {cfg.out / 'splits.json'}")
@@ -107,9 +107,9 @@ def _dispatch(args) -> int:
     from metakd_ray.pipeline import resolve_methods, run_pipeline
 
     if args.command == "teacher":
-        kind = cfg.teacher.kind
-        methods = {"meta": ["meta_kd"], "mix": ["tinybert_kd(mix)"], "single": ["tinybert_kd(single)"]}[kind]
-        run_pipeline(cfg, methods, fresh=args.fresh, teachers_only=True)
+        from metakd_ray.methods import methods_from
+
+        run_pipeline(cfg, methods_from(cfg.teacher.kind)[:1], fresh=args.fresh, teachers_only=True)
         return 0
     methods = resolve_methods(args.methods, cfg)
     run_pipeline(cfg, methods, fresh=getattr(args, "fresh", False), require_teachers=args.command == "distill")

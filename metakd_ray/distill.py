@@ -1,28 +1,26 @@
-"""Stage 2: meta-distillation, one student per target domain (spec §4, decisions 5-10).
+"""Stage 2: meta-distillation, one student per target domain.
 
     metakd-ray distill quickstart                       # after `metakd-ray teacher quickstart`
     metakd-ray distill quickstart --methods all         # the paper's baseline students too
 
-For each (method, domain) a Ray task trains a student on that domain's training data only:
+For each (method, domain) a Ray task trains a student on that domain's training data only, with
+the method's objective (``metakd_ray.methods``: λ, γ2 and the teacher kind come from its row):
 
     stage 1:  L_1 = mean_i[λ_i (hidn_i + attn_i)] + γ2·mean(λ)·tkd      (λ ≡ 1, γ2 = 0 for TinyBERT-KD)
     stage 2:  L_2 = mean_i soft_CE(z^S_i, z^T_i; τ)  (+ hard-label CE if distill.hard_label_weight > 0)
 
 then keeps the student with the best dev accuracy of its domain (never test) and reports test
-accuracy, size and latency. The frozen teacher is run once per (teacher, domain): its logits, λ
-and, with ``distill.cache_teacher_targets``, its hidden/attention targets (fp16) are saved and
-reused by every student and every sweep trial. ``distill_student`` is plain PyTorch; Ray and
-MLflow only appear in ``run_students`` (the fan-out) and at the edges of the task.
-
-Methods: ``meta_kd`` (meta-teacher, λ and γ2), ``tinybert_kd(<kind>)`` (teacher kind meta, mix or
-single; no λ, no domain term), ``no_kd`` (the student fine-tuned on labels alone).
+accuracy, size and latency. The frozen teacher is run once per (teacher, domain), in eval mode so
+that its targets carry no dropout noise: its logits, λ and, with ``distill.cache_teacher_targets``,
+its hidden/attention targets (fp16) are saved as "teacher outputs" and reused by every student and
+every sweep trial. ``distill_student`` is plain PyTorch on whatever device it is given; Ray and
+MLflow only appear in ``run_students`` (the fan-out) and at the edges of the tasks.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -30,17 +28,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metakd_ray import losses
-from metakd_ray.config import Config, model_path, resolve_layer_map, teacher_depth
-from metakd_ray.data import PreparedData, Split, subsample_fraction
-from metakd_ray.io import atomic_dir, atomic_write_json, read_json
+from metakd_ray.cluster import autocast, init_ray, prepare_device, resolve_precision, task_device
+from metakd_ray.config import Config, model_path
+from metakd_ray.data.prepare import PreparedData, Split, subsample_fraction
+from metakd_ray.errors import MetaKDError
+from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json
+from metakd_ray.methods import Method, method, teacher_name
 from metakd_ray.models import MetaKDModel, build_student, count_parameters, load_model, save_model
+from metakd_ray.outputs import Store, node_cache, student_dir, teacher_dir, teacher_outputs_path
 from metakd_ray.scores import expertise_weight
-from metakd_ray.tracking import RunRef
-from metakd_ray.training import (accuracy_by_domain, batch_at, epoch_order, make_optimizer, measure_latency,
-                                seed_everything)
+from metakd_ray.tracking import RunRef, open_run
+from metakd_ray.training import (LOG_EVERY, accuracy_by_domain, batch_at, epoch_order, eval_batch_size, forward,
+                                 make_optimizer, measure_latency, model_device, optimizer_step, seed_everything)
 
 
 @dataclass(frozen=True)
@@ -49,62 +52,53 @@ class StudentJob:
     domain: str
 
     @property
-    def teacher_kind(self) -> str:
-        """Which teacher a method distils from ("" for no_kd)."""
-        if self.method == "meta_kd":
-            return "meta"
-        if self.method.startswith("tinybert_kd("):
-            return self.method[len("tinybert_kd("):-1]
-        return ""
+    def spec(self) -> Method:
+        return method(self.method)
 
     @property
     def teacher_name(self) -> str:
-        kind = self.teacher_kind
-        return f"single-{self.domain}" if kind == "single" else kind
+        """Which teacher the method distils from ("" for no_kd)."""
+        return teacher_name(self.spec.teacher_kind, self.domain) if self.spec.distils else ""
 
 
 def student_train_split(cfg: Config, data: PreparedData, domain: str) -> Split:
-    """The target domain's training data, subsampled by data.target_fraction (decision 11)."""
+    """The target domain's training data, subsampled by ``data.target_fraction`` (data scarcity)."""
     split = data.splits["train"].for_domains([data.domain_id(domain)])
     return subsample_fraction(split, cfg.data.target_fraction, cfg.data.split_seed)
 
 
-# --------------------------------------------------------------------------- teacher targets
-
-
-def targets_path(cfg: Config, teacher_key: str, teacher_name: str, domain: str) -> Path:
-    blob = json.dumps([teacher_key, domain, cfg.data.target_fraction, cfg.model.layer_map,
-                       cfg.model.student_layers, cfg.distill.cache_teacher_targets])
-    key = hashlib.sha256(blob.encode()).hexdigest()[:12]
-    return cfg.out / "teacher_outputs" / teacher_name / f"{domain}-{key}.safetensors"
+# --------------------------------------------------------------------------- teacher outputs
 
 
 @torch.no_grad()
-def compute_teacher_targets(cfg: Config, data: PreparedData, teacher: MetaKDModel, domain: str,
+def compute_teacher_outputs(cfg: Config, data: PreparedData, teacher: MetaKDModel, domain: str,
                             scores: dict[str, float], with_internals: bool, path: Path) -> Path:
-    """One eval-mode teacher pass (decision 5) over the domain's student data, saved as safetensors:
-    ``logits``, ``t``, ``lambda``, ``domain_vector`` and, with internals, fp16 ``hidden.<j>`` /
-    ``attention.<j>`` for the mapped teacher layers (padded to the domain's longest example)."""
-    if path.is_file():
-        return path
+    """One eval-mode teacher pass over the domain's student data, on the teacher's device, saved as
+    safetensors: ``logits``, ``t``, ``lambda``, ``domain_vector`` and, with internals, fp16
+    ``hidden.<j>`` / ``attention.<j>`` for the mapped teacher layers (padded to the domain's longest
+    example)."""
     split = student_train_split(cfg, data, domain)
     teacher.eval()
-    layer_map = resolve_layer_map(cfg.model.layer_map, teacher.num_layers, cfg.model.student_layers)
+    device = model_device(teacher)
+    layer_map = cfg.layer_map
     tensors = split.tensors()
     out = {"logits": [], "domain_vector": []}
     hidden = {j: [] for j in [0] + layer_map}
     attention = {j: [] for j in layer_map}
-    for start in range(0, len(split), 32):
-        index = torch.arange(start, min(start + 32, len(split)))
-        b = {k: v[index] for k, v in tensors.items()}  # full padded width, so rows line up later
-        o = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"], internals=with_internals)
-        out["logits"].append(o.logits)
-        out["domain_vector"].append(o.domain_vector)
+    batch_size = eval_batch_size(device)
+    for start in range(0, len(split), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(split)))
+        # full padded width (no trimming), so the rows of every batch line up in one tensor
+        b = {k: v[index].to(device, non_blocking=True) for k, v in tensors.items()}
+        with autocast(device, cfg.precision):
+            o = forward(teacher, b, internals=with_internals)
+        out["logits"].append(o.logits.float().cpu())
+        out["domain_vector"].append(o.domain_vector.float().cpu())
         if with_internals:
             for j in hidden:
-                hidden[j].append(o.hidden_states[j].half())
+                hidden[j].append(o.hidden_states[j].half().cpu())
             for j in attention:
-                attention[j].append(o.attention_scores[j - 1].half())
+                attention[j].append(o.attention_scores[j - 1].half().cpu())
     result = {k: torch.cat(v).contiguous() for k, v in out.items()}
     t = torch.tensor([scores[u] for u in split.uids], dtype=torch.float32)
     result["t"] = t
@@ -119,189 +113,225 @@ def compute_teacher_targets(cfg: Config, data: PreparedData, teacher: MetaKDMode
     return path
 
 
+def load_teacher_outputs(path: Path) -> dict | None:
+    """The saved teacher outputs, or None when the file is missing or damaged (then it is rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        print(f"[distill] {path} is damaged ({str(exc).splitlines()[0][:120]}); rebuilding it", flush=True)
+        path.unlink(missing_ok=True)
+        return None
+
+
 # --------------------------------------------------------------------------- one student
 
 
-def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_dir: Path | None,
-                    targets: Path | None, run: RunRef | None = None, log=print) -> dict:
-    """Train one student for ``job`` and return its metrics plus the trained model (plain PyTorch)."""
-    d = cfg.distill
+def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_path: Path | None,
+                    teacher_outputs: dict | None, run: RunRef | None = None, log=print,
+                    device: torch.device | None = None) -> dict:
+    """Train one student for ``job`` on ``device`` and return its metrics plus the trained model.
+
+    ``teacher_outputs`` holds the cached teacher pass (CPU tensors, moved per batch); without
+    cached internals the teacher itself (from ``teacher_path``) runs beside the student."""
+    dcfg, spec = cfg.distill, job.spec
+    device = device or torch.device("cpu")
     seed_everything(cfg.student_seed)
     domain_id = data.domain_id(job.domain)
     train = student_train_split(cfg, data, job.domain)
     dev = data.splits["dev"].for_domains([domain_id])
     test = data.splits["test"].for_domains([domain_id])
-    depth = teacher_depth(cfg.model.teacher)
-    layer_map = resolve_layer_map(cfg.model.layer_map, depth, cfg.model.student_layers)
+    layer_map = cfg.layer_map
     student = build_student(cfg.model.teacher, cfg.model.student_init, cfg.model.student_layers,
-                            _teacher_width(cfg), len(data.labels), len(data.domains), cfg.model.dropout,
-                            trained_teacher=teacher_dir if job.teacher_kind else None)
+                            cfg.teacher_arch.width, len(data.labels), len(data.domains), cfg.model.dropout,
+                            trained_teacher=teacher_path if spec.distils else None).to(device)
     tensors = train.tensors()
     history: list[dict] = []
     best = {"acc": -1.0, "state": None, "step": 0}
 
     def evaluate(step: int, stage: str) -> None:
-        acc = accuracy_by_domain(student, dev, data.domains)[job.domain]
+        acc = accuracy_by_domain(student, dev, data.domains, cfg.precision)[job.domain]
         history.append({"step": step, "stage": stage, "dev_acc": acc})
         if run:
             run.log_metrics({"val/acc": acc}, step)
         if acc > best["acc"]:
             best.update(acc=acc, state=copy.deepcopy(student.state_dict()), step=step)
 
-    teacher_data = load_file(targets) if targets else None
     teacher = None
-    if job.teacher_kind and teacher_data is not None and "hidden.0" not in teacher_data:
-        teacher, _ = load_model(teacher_dir)  # no cached internals: run the teacher in the loop
-        teacher.eval()
-    use_lambda = job.method == "meta_kd"
-    gamma2 = d.domain_weight if job.method == "meta_kd" else 0.0
+    if spec.distils and teacher_outputs is not None and "hidden.0" not in teacher_outputs:
+        teacher, _ = load_model(teacher_path)  # no cached internals: run the teacher in the loop
+        teacher.to(device).eval()
+    gamma2 = dcfg.domain_weight if spec.domain_term else 0.0
     step = 0
     start = time.time()
+    train_stage = _Stage(student, tensors, cfg, run, device)
 
-    if not job.teacher_kind:
+    if not spec.distils:
         # no_kd: the student fine-tuned on the hard labels alone.
-        step = _train(student, tensors, d.no_kd_epochs, d.stage2_lr, cfg, step, evaluate, run, "no_kd",
-                      lambda b, idx, out: F.cross_entropy(out.logits, b["labels"]), internals=False)
+        step = train_stage(dcfg.no_kd_epochs, dcfg.stage2_lr, step, evaluate, "no_kd",
+                           lambda b, idx, out: F.cross_entropy(out.logits.float(), b["labels"]), internals=False)
     else:
-        lam = teacher_data["lambda"] if use_lambda else torch.ones(len(train))
+        lam = teacher_outputs["lambda"] if spec.use_lambda else torch.ones(len(train))
+
+        def rows(name, idx):  # cached teacher outputs of this batch (CPU) on the student's device
+            return teacher_outputs[name][idx].to(device, non_blocking=True)
 
         def intermediate(b, idx, out):
             width = b["input_ids"].shape[1]
-            t_hidden, t_attn, t_vec = _teacher_internals(teacher, teacher_data, b, idx, width, layer_map)
+            t_hidden, t_attn, t_vec = _teacher_internals(teacher, teacher_outputs, b, idx, width, layer_map, device)
             mask = b["attention_mask"]
-            s_attn, t_attn = _attention_target(out.attention_scores, t_attn, mask, d.attention_target)
+            s_attn, t_attn = losses.attention_pair(out.attention_scores, t_attn, mask, dcfg.attention_target)
             hidn = losses.hidden_mse(list(out.hidden_states), t_hidden, student.projection, mask)
             attn = losses.attention_mse(s_attn, t_attn, mask)
             tkd = losses.domain_vector_mse(student.projection(out.domain_vector), t_vec)
-            return losses.intermediate_loss(lam[idx], hidn, attn, tkd, gamma2, d.hidden_weight, d.attention_weight)
+            return losses.intermediate_loss(lam[idx].to(device), hidn, attn, tkd, gamma2, dcfg.hidden_weight,
+                                            dcfg.attention_weight)
 
         def prediction(b, idx, out):
-            soft = losses.soft_cross_entropy(out.logits, teacher_data["logits"][idx], d.temperature)
-            if d.lambda_in_stage2 and use_lambda:
-                soft = soft * lam[idx]
+            soft = losses.soft_cross_entropy(out.logits.float(), rows("logits", idx), dcfg.temperature)
+            if dcfg.lambda_in_stage2 and spec.use_lambda:
+                soft = soft * lam[idx].to(device)
             loss = soft.mean()
-            if d.hard_label_weight:
-                loss = loss + d.hard_label_weight * F.cross_entropy(out.logits, b["labels"])
+            if dcfg.hard_label_weight:
+                loss = loss + dcfg.hard_label_weight * F.cross_entropy(out.logits.float(), b["labels"])
             return loss
 
-        if d.schedule == "two_stage":
-            step = _train(student, tensors, d.stage1_epochs, d.stage1_lr, cfg, step, None, run, "stage1",
-                          intermediate, internals=True)
-            step = _train(student, tensors, d.stage2_epochs, d.stage2_lr, cfg, step, evaluate, run, "stage2",
-                          prediction, internals=False)
+        if dcfg.schedule == "two_stage":
+            step = train_stage(dcfg.stage1_epochs, dcfg.stage1_lr, step, None, "stage1", intermediate, internals=True)
+            step = train_stage(dcfg.stage2_epochs, dcfg.stage2_lr, step, evaluate, "stage2", prediction,
+                               internals=False)
         else:
-            step = _train(student, tensors, d.stage2_epochs, d.stage2_lr, cfg, step, evaluate, run, "joint",
-                          lambda b, idx, out: intermediate(b, idx, out) + prediction(b, idx, out), internals=True)
+            step = train_stage(dcfg.stage2_epochs, dcfg.stage2_lr, step, evaluate, "joint",
+                               lambda b, idx, out: intermediate(b, idx, out) + prediction(b, idx, out), internals=True)
 
     train_seconds = time.time() - start
     if best["state"] is not None:
         student.load_state_dict(best["state"])
-    test_acc = accuracy_by_domain(student, test, data.domains)[job.domain]
+    test_acc = accuracy_by_domain(student, test, data.domains, cfg.precision)[job.domain]
     result = {
         "method": job.method, "domain": job.domain, "teacher": job.teacher_name or None,
         "dev_acc": best["acc"], "test_acc": test_acc, "best_step": best["step"], "steps": step,
-        "train_examples": len(train), "params": count_parameters(student, include_heads=False),
-        "latency_ms": measure_latency(student, test), "train_seconds": round(train_seconds, 2),
-        "history": history,
+        "train_examples": len(train), "params": count_parameters(student),
+        **measure_latency(student, test), "train_seconds": round(train_seconds, 2),
+        "started_at": start, "finished_at": time.time(),
+        "device": device.type, "precision": resolve_precision(cfg.precision, device), "history": history,
     }
     log(f"[distill] {job.method}/{job.domain}: dev {result['dev_acc']:.4f} test {test_acc:.4f} "
-        f"({step} steps, {result['train_seconds']:.0f}s)")
-    return {"result": result, "model": student}
+        f"({step} steps on {device.type}, {result['train_seconds']:.0f}s)")
+    return {"result": result, "model": student.cpu()}
 
 
-def _train(model, tensors: dict, epochs: float, lr: float, cfg: Config, step: int, evaluate, run: RunRef | None,
-           stage: str, loss_fn, internals: bool) -> int:
-    """One stage: shuffled mini-batches, AdamW with warm-up, dev evaluation every eval_every steps."""
-    d = cfg.distill
-    n = len(tensors["labels"])
-    per_epoch = max(1, n // d.batch_size)
-    total = int(round(epochs * per_epoch))
-    if total == 0:
+class _Stage:
+    """Runs one training stage of a student: shuffled mini-batches, AdamW with warm-up, dev
+    evaluation every ``distill.eval_every`` steps."""
+
+    def __init__(self, model, tensors: dict, cfg: Config, run: RunRef | None, device: torch.device):
+        self.model, self.tensors, self.cfg, self.run, self.device = model, tensors, cfg, run, device
+
+    def __call__(self, epochs: float, lr: float, step: int, evaluate, stage: str, loss_fn, internals: bool) -> int:
+        dcfg = self.cfg.distill
+        n = len(self.tensors["labels"])
+        per_epoch = max(1, n // dcfg.batch_size)
+        total = int(round(epochs * per_epoch))
+        if total == 0:
+            return step
+        optimizer, scheduler = make_optimizer(self.model, lr, dcfg.weight_decay, total, dcfg.warmup_fraction)
+        # Each stage shuffles with its own stream: the stage name's CRC32 (mod a prime) offsets the
+        # seed, so stage 2 does not replay stage 1's batch order.
+        seed = self.cfg.student_seed + zlib.crc32(stage.encode()) % 997
+        self.model.train()
+        for i in range(total):
+            epoch, position = divmod(i, per_epoch)
+            idx = epoch_order(n, seed, epoch)[position * dcfg.batch_size:(position + 1) * dcfg.batch_size]
+            b = batch_at(self.tensors, idx, self.device)
+            with autocast(self.device, self.cfg.precision):
+                out = forward(self.model, b, internals=internals)
+                loss = loss_fn(b, idx, out)
+            optimizer_step(self.model, optimizer, scheduler, loss, dcfg.max_grad_norm)
+            step += 1
+            if self.run and step % LOG_EVERY == 0:
+                self.run.log_metrics({f"train/{stage}_loss": loss.item()}, step)
+            if evaluate and (step % dcfg.eval_every == 0 or i == total - 1):
+                evaluate(step, stage)
         return step
-    optimizer, scheduler = make_optimizer(model, lr, d.weight_decay, total, d.warmup_fraction)
-    model.train()
-    for i in range(total):
-        epoch, position = divmod(i, per_epoch)
-        idx = epoch_order(n, cfg.student_seed + zlib.crc32(stage.encode()) % 997, epoch)[position * d.batch_size:(position + 1) * d.batch_size]
-        b = batch_at(tensors, idx)
-        out = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"], internals=internals)
-        loss = loss_fn(b, idx, out)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        if run and step % 5 == 0:
-            run.log_metrics({f"train/{stage}_loss": loss.item()}, step)
-        if evaluate and (step % d.eval_every == 0 or i == total - 1):
-            evaluate(step, stage)
-    return step
 
 
-def _teacher_internals(teacher, cached: dict, b: dict, idx, width: int, layer_map: list[int]):
+def _teacher_internals(teacher, cached: dict, b: dict, idx, width: int, layer_map: list[int], device):
     """Teacher hidden states, attention scores and domain vector for batch rows ``idx``."""
-    if teacher is None:  # from the cache, trimmed to this batch's width
-        hidden = [cached[f"hidden.{j}"][idx, :width].float() for j in [0] + layer_map]
-        attn = [cached[f"attention.{j}"][idx, :, :width, :width].float() for j in layer_map]
-        return hidden, attn, cached["domain_vector"][idx]
+    if teacher is None:  # from the cache (CPU), trimmed to this batch's width
+        hidden = [cached[f"hidden.{j}"][idx, :width].to(device, non_blocking=True).float() for j in [0] + layer_map]
+        attn = [cached[f"attention.{j}"][idx, :, :width, :width].to(device, non_blocking=True).float()
+                for j in layer_map]
+        return hidden, attn, cached["domain_vector"][idx].to(device, non_blocking=True)
     with torch.no_grad():
-        o = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"], internals=True)
+        o = forward(teacher, b, internals=True)
     return ([o.hidden_states[j] for j in [0] + layer_map], [o.attention_scores[j - 1] for j in layer_map],
             o.domain_vector)
-
-
-def _attention_target(student_attn, teacher_attn, mask, kind: str):
-    if kind == "scores":
-        return list(student_attn), teacher_attn
-    bias = (1.0 - mask[:, None, None, :].float()) * -1e4
-
-    def probs(xs):
-        return [(x + bias).softmax(-1) for x in xs]
-
-    return probs(student_attn), probs(teacher_attn)
-
-
-def _teacher_width(cfg: Config) -> int:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_path(cfg.model.teacher)).hidden_size
 
 
 # --------------------------------------------------------------------------- fan-out on Ray
 
 
 def student_key(cfg: Config, data: PreparedData, job: StudentJob, teacher_key: str) -> str:
-    d = cfg.to_dict()["distill"]
+    training = cfg.to_dict()["distill"]  # the settings that change what a student learns
     for k in ("methods", "cpus_per_task", "gpus_per_task", "max_retries", "cache_teacher_targets"):
-        d.pop(k)
-    blob = json.dumps([data.key, teacher_key, d, cfg.to_dict()["model"], cfg.seed, cfg.data.target_fraction,
-                       job.method, job.domain], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        training.pop(k)
+    return content_key(data.key, teacher_key, training, cfg.to_dict()["model"], cfg.seed, cfg.precision,
+                       cfg.data.target_fraction, job.method, job.domain)[:12]
 
 
-def student_dir(cfg: Config, job: StudentJob) -> Path:
-    return cfg.out / "students" / job.method / job.domain
+def fetch_teacher(cfg: Config, name: str, key: str) -> Path:
+    """The trained teacher's model directory on this node: the driver's copy when this node sees it,
+    else a copy fetched from ``ray.storage_path`` into a node-local cache."""
+    local = teacher_dir(cfg, name)
+    done = read_json(local / "result.json")
+    if done and done.get("key") == key and (local / "model").is_dir():
+        return local / "model"
+    store = Store.of(cfg)
+    cache = node_cache(f"teacher-{name}-{key}")
+    if (cache / "model").is_dir() or (store and store.get(f"teachers/{name}", cache)):
+        return cache / "model"
+    raise MetaKDError(f"teacher {name} is not on this node ({local}) and not in ray.storage_path "
+                      f"({cfg.ray.storage_path or 'unset'}): on a multi-node cluster set ray.storage_path to "
+                      "storage every node reaches (s3://... or a shared mount)")
 
 
-def targets_task(cfg: Config, data: PreparedData, teacher_dir: str, domain: str, scores: dict, path: str) -> str:
+def teacher_outputs_task(cfg: Config, data: PreparedData, name: str, key: str, domain: str, scores: dict,
+                         path: str) -> str:
+    """Ray task body: make sure this node has the teacher outputs at ``path`` (fetched from storage or
+    computed on the GPU Ray gave the task), and that storage has them too."""
     torch.set_num_threads(cfg.distill.cpus_per_task)
-    if not Path(path).is_file():
-        teacher, _ = load_model(Path(teacher_dir))
-        compute_teacher_targets(cfg, data, teacher, domain, scores, cfg.distill.cache_teacher_targets, Path(path))
+    store, target = Store.of(cfg), Path(path)
+    rel = target.relative_to(cfg.out).as_posix()
+    if load_teacher_outputs(target) is not None:
+        return path
+    if store and store.get(rel, target) and load_teacher_outputs(target) is not None:
+        return path
+    device = task_device()
+    prepare_device(device)
+    teacher, _ = load_model(fetch_teacher(cfg, name, key))
+    compute_teacher_outputs(cfg, data, teacher.to(device), domain, scores, cfg.distill.cache_teacher_targets, target)
+    if store:
+        store.put(target, rel)
     return path
 
 
-def _student_task(cfg: Config, data: PreparedData, job: StudentJob, teacher_dir: str | None, targets: str | None,
+def _student_task(cfg: Config, data: PreparedData, job: StudentJob, teacher_key: str, outputs_path: str | None,
                   scores: dict, run: RunRef) -> dict:
-    """Ray task body: train one student, return its result and its saved files (cluster-safe)."""
+    """Ray task body: train one student on the GPU Ray gave it (else the CPU); return its result
+    and its saved files, so the driver writes them wherever this task ran."""
     torch.set_num_threads(cfg.distill.cpus_per_task)  # reused workers keep the first import's count
-    if targets and not Path(targets).is_file():  # the cache lives on another node: rebuild it here
-        targets_task(cfg, data, teacher_dir, job.domain, scores, targets)
-    out = distill_student(cfg, data, job, Path(teacher_dir) if teacher_dir else None,
-                          Path(targets) if targets else None, run)
-    import tempfile
-
+    device = task_device()
+    prepare_device(device)
+    teacher_path, outputs = None, None
+    if job.spec.distils:
+        teacher_path = fetch_teacher(cfg, job.teacher_name, teacher_key)
+        outputs = load_teacher_outputs(Path(outputs_path))
+        if outputs is None:  # made on another node (or damaged): fetch or rebuild it here
+            teacher_outputs_task(cfg, data, job.teacher_name, teacher_key, job.domain, scores, outputs_path)
+            outputs = load_file(outputs_path)
+    out = distill_student(cfg, data, job, teacher_path, outputs, run, device=device)
     with tempfile.TemporaryDirectory() as tmp:
         save_model(out["model"], Path(tmp), {"kind": "student", "method": job.method, "domain": job.domain,
                                              "domains": data.domains, "labels": data.labels,
@@ -320,15 +350,16 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
     """
     import ray
 
-    from metakd_ray.teacher import init_ray
-    from metakd_ray.tracking import open_run
-
     results: dict = {}
     todo = []
+    store = Store.of(cfg)
     for job in jobs:
-        t_key = teachers[job.teacher_name]["key"] if job.teacher_kind else ""
+        t_key = teachers[job.teacher_name]["key"] if job.spec.distils else ""
         key = student_key(cfg, data, job, t_key)
-        done = read_json(student_dir(cfg, job) / "result.json")
+        directory = student_dir(cfg, job.method, job.domain)
+        if store and (read_json(directory / "result.json") or {}).get("key") != key:
+            store.get(f"students/{job.method}/{job.domain}", directory)
+        done = read_json(directory / "result.json")
         if done and done.get("key") == key:
             results.setdefault(job.method, {})[job.domain] = done
             print(f"[distill] {job.method}/{job.domain}: already done (test {done['test_acc']:.4f}); skipping")
@@ -338,31 +369,33 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
         return results, {}
 
     init_ray(cfg)
-    d = cfg.distill
-    options = {"num_cpus": d.cpus_per_task, "num_gpus": d.gpus_per_task, "max_retries": d.max_retries,
+    dcfg = cfg.distill
+    options = {"num_cpus": dcfg.cpus_per_task, "num_gpus": dcfg.gpus_per_task, "max_retries": dcfg.max_retries,
                "retry_exceptions": True}
-    targets_remote = ray.remote(targets_task).options(**options)
+    outputs_remote = ray.remote(teacher_outputs_task).options(**options)
     student_remote = ray.remote(_student_task).options(**options)
     data_ref, scores_ref = ray.put(data), ray.put(scores)
-    target_refs, pending = {}, {}
+    output_refs, pending = {}, {}
     for job, key in todo:
-        teacher_dir, target = None, None
-        if job.teacher_kind:
-            teacher_dir = str(cfg.out / "teachers" / job.teacher_name / "model")
-            path = str(targets_path(cfg, teachers[job.teacher_name]["key"], job.teacher_name, job.domain))
-            if (job.teacher_name, job.domain) not in target_refs:  # one teacher pass per (teacher, domain)
-                target_refs[(job.teacher_name, job.domain)] = targets_remote.remote(
-                    cfg, data_ref, teacher_dir, job.domain, scores_ref, path)
-            target = target_refs[(job.teacher_name, job.domain)]
+        t_key, outputs = "", None
+        if job.spec.distils:
+            t_key = teachers[job.teacher_name]["key"]
+            path = str(teacher_outputs_path(cfg, t_key, job.teacher_name, job.domain))
+            if (job.teacher_name, job.domain) not in output_refs:  # one teacher pass per (teacher, domain)
+                output_refs[(job.teacher_name, job.domain)] = outputs_remote.remote(
+                    cfg, data_ref, job.teacher_name, t_key, job.domain, scores_ref, path)
+            outputs = output_refs[(job.teacher_name, job.domain)]
         run = open_run(cfg, f"student/{job.method}/{job.domain}/{key}", f"student-{job.method}-{job.domain}",
                        "student", parent, {"metakd.domain": job.domain, "metakd.method": job.method,
                                            "metakd.teacher": job.teacher_name or "none"})
-        ref = student_remote.remote(cfg, data_ref, job, teacher_dir, target, scores_ref, run)
+        ref = student_remote.remote(cfg, data_ref, job, t_key, outputs, scores_ref, run)
         pending[ref] = (job, key, run)
 
     total, failures = len(pending), {}
     started = time.time()
-    print(f"[distill] {total} student(s) on Ray: {', '.join(f'{j.method}/{j.domain}' for j, _, _ in pending.values())}")
+    print(f"[distill] {total} student(s) on Ray ({dcfg.cpus_per_task} CPU"
+          f"{f', {dcfg.gpus_per_task:g} GPU' if dcfg.gpus_per_task else ''} each): "
+          f"{', '.join(f'{j.method}/{j.domain}' for j, _, _ in pending.values())}")
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=30)
         for ref in ready:
@@ -372,10 +405,11 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
             except Exception as exc:  # RayTaskError wraps the task's exception
                 failures[f"{job.method}/{job.domain}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 run.finish("FAILED")
-                print(f"[distill] FAILED {job.method}/{job.domain} after retries: {failures[f'{job.method}/{job.domain}']}")
+                print(f"[distill] FAILED {job.method}/{job.domain} after retries: "
+                      f"{failures[f'{job.method}/{job.domain}']}")
                 continue
             result = dict(out["result"], key=key, run_id=run.run_id)
-            _save_student(cfg, job, out["files"], result, run)
+            _save_student(cfg, job, out["files"], result, run, store)
             results.setdefault(job.method, {})[job.domain] = result
         done = total - len(pending)
         waiting = ", ".join(f"{j.method}/{j.domain}" for j, _, _ in pending.values())
@@ -384,15 +418,18 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
     return results, failures
 
 
-def _save_student(cfg: Config, job: StudentJob, files: dict, result: dict, run: RunRef) -> None:
-    directory = student_dir(cfg, job)
+def _save_student(cfg: Config, job: StudentJob, files: dict, result: dict, run: RunRef, store: Store | None) -> None:
+    directory = student_dir(cfg, job.method, job.domain)
     with atomic_dir(directory / "model") as tmp:
         for name, blob in files.items():
             (tmp / name).write_bytes(blob)
-    run.log_metrics({"final/dev_acc": result["dev_acc"], "final/test_acc": result["test_acc"],
-                     "final/params": result["params"], "final/latency_ms": result["latency_ms"]})
+    metrics = ("dev_acc", "test_acc", "params", "latency_ms", "gpu_latency_ms")
+    run.log_metrics({f"final/{k}": result[k] for k in metrics if k in result})
     run.log_params({"method": job.method, "domain": job.domain, "teacher": result["teacher"],
-                    "train_examples": result["train_examples"]})
+                    "train_examples": result["train_examples"], "device": result["device"],
+                    "precision": result["precision"]})
     run.log_artifacts(directory / "model", "model")
     run.finish()
     atomic_write_json(directory / "result.json", result)
+    if store:
+        store.put(directory, f"students/{job.method}/{job.domain}")

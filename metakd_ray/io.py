@@ -1,7 +1,9 @@
-"""Atomic file and directory writes, and content hashes.
+"""Atomic file and directory writes, content keys, and the fixed-width text tables we print.
 
 A failed or interrupted run must never leave a half-written result where a finished one was:
 everything is written beside its destination under a temporary name and renamed into place.
+Every cached output is named by a ``content_key`` of the inputs it was made from, so a changed
+input gets a new cache entry instead of a stale one.
 """
 
 from __future__ import annotations
@@ -34,9 +36,27 @@ def atomic_write_json(path: Path, data) -> None:
 
 
 def read_json(path: Path):
+    """The JSON at ``path``, or None when it is missing or damaged (so the result is made again)."""
     try:
         return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        print(f"[cache] {path} is damaged (not valid JSON); rebuilding it", flush=True)
+        return None
+
+
+def read_parquet(path: Path):
+    """The pyarrow table at ``path``, or None when it is missing or damaged (so it is rebuilt)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not Path(path).is_file():
+        return None
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        print(f"[cache] {path} is damaged ({str(exc).splitlines()[0][:120]}); rebuilding it", flush=True)
         return None
 
 
@@ -60,9 +80,26 @@ def atomic_dir(path: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def content_key(*parts) -> str:
+    """16 hex digits of the sha256 of ``parts`` as canonical JSON: the name of a cached output."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def text_table(header: list[str], rows: list[list], widths: list[int], left: int = 1) -> str:
+    """A fixed-width table: the first ``left`` columns left-aligned, the others right-aligned, and
+    the header underlined."""
+
+    def line(cells) -> str:
+        return "".join(f"{c!s:<{w}}" if i < left else f"{c!s:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+
+    head = line(header)
+    return "\n".join([head, "-" * len(head)] + [line(r) for r in rows])

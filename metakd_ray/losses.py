@@ -1,7 +1,7 @@
 """Meta-KD losses as pure tensor functions (no models, Ray or MLflow).
 
 Per-instance functions return a tensor of shape [B] (reduction "none") so that the λ weights of
-meta-distillation really weight instances (spec §4d, pitfall 10), not only the batch.
+meta-distillation really weight instances, not only the batch.
 """
 
 from __future__ import annotations
@@ -13,21 +13,45 @@ import torch.nn.functional as F
 # --------------------------------------------------------------------------- teacher
 
 
-def weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Prototype-weighted classification loss (spec §3b): L_T1 = (1/B) Σ_i t_i · CE(z_i, y_i)."""
-    return (weights * F.cross_entropy(logits, labels, reduction="none")).mean()
+def teacher_loss(logits: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, domain_logits: torch.Tensor,
+                 domain_ids: torch.Tensor, domain_loss: str, gamma1: float, weight_domain_loss: bool = False,
+                 generator: torch.Generator | None = None):
+    """The meta-teacher's objective over a batch of B instances:
+
+        L_T = (1/B) Σ_i t_i·CE(z_i, y_i) + γ1·(1/B) Σ_i ℓ^dom_i
+        L_T = (1/B) Σ_i t_i·(CE(z_i, y_i) + γ1·ℓ^dom_i)          (weight_domain_loss, the authors' code)
+
+    t_i is the prototype (transferability) score, 1 for the plain-CE baselines; ℓ^dom is
+    ``domain_loss_per_instance(domain_loss, ...)``. Returns (L_T, per-instance CE, per-instance ℓ^dom).
+    """
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    domain = domain_loss_per_instance(domain_loss, domain_logits, domain_ids, generator)
+    if weight_domain_loss:
+        return (t * (ce + gamma1 * domain)).mean(), ce, domain
+    return (t * ce).mean() + gamma1 * domain.mean(), ce, domain
+
+
+def domain_loss_per_instance(kind: str, domain_logits: torch.Tensor, domain_ids: torch.Tensor,
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+    """ℓ^dom_i of ``teacher.domain_loss``: shuffled (default), uniform or grl (the model applies the
+    gradient reversal; here it is the plain CE to the true domain)."""
+    if kind == "shuffled":
+        return shuffled_domain_ce(domain_logits, domain_ids, generator)
+    if kind == "uniform":
+        return uniform_domain_kl(domain_logits)
+    return grl_domain_ce(domain_logits, domain_ids)
 
 
 def shuffled_domain_ce(domain_logits: torch.Tensor, domains: torch.Tensor,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """Corrupted-domain loss of the authors' code (decision 3 default), per instance:
+    """Corrupted-domain loss of the authors' code (the default ``teacher.domain_loss``), per instance:
 
         z̃ = domains[π] for a fresh random permutation π of the batch,
         ℓ_i = CE(domain_logits_i, z̃_i)
 
     Minimised by everything (no gradient reversal); its optimum is the batch's domain marginal.
     """
-    perm = torch.randperm(len(domains), generator=generator)
+    perm = torch.randperm(len(domains), generator=generator).to(domains.device)
     return F.cross_entropy(domain_logits, domains[perm], reduction="none")
 
 
@@ -65,7 +89,7 @@ def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                        temperature: float = 1.0) -> torch.Tensor:
-    """Prediction distillation per instance (spec §4c), no τ² factor:
+    """Prediction distillation per instance, no τ² factor:
 
         ℓ_i = - Σ_c softmax(z^T_i / τ)_c · log softmax(z^S_i / τ)_c
     """
@@ -75,7 +99,7 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
 def hidden_mse(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor],
                projection: torch.nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Hidden-state + embedding distillation per instance (spec §4b/§4c):
+    """Hidden-state + embedding distillation per instance:
 
         ℓ_i = Σ_j mean_{l real, d} ( (H^S_j W_fit)_{i,l,d} - H^T_{map(j)}_{i,l,d} )²
 
@@ -94,7 +118,7 @@ def hidden_mse(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Te
 
 def attention_mse(student_attn: list[torch.Tensor], teacher_attn: list[torch.Tensor],
                   attention_mask: torch.Tensor) -> torch.Tensor:
-    """Attention distillation per instance (spec §4c, decision 7):
+    """Attention distillation per instance:
 
         ℓ_i = Σ_j mean_{h, q real, k real} ( A^S_j - A^T_{map(j)} )²_{i,h,q,k}
 
@@ -111,14 +135,28 @@ def attention_mse(student_attn: list[torch.Tensor], teacher_attn: list[torch.Ten
     return total
 
 
+def attention_pair(student_attn: list[torch.Tensor], teacher_attn: list[torch.Tensor], mask: torch.Tensor,
+                   target: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """What ``attention_mse`` compares (``distill.attention_target``): the pre-softmax scores as
+    they are ("scores", TinyBERT), or both turned into probabilities with padded keys masked ("probs")."""
+    if target == "scores":
+        return list(student_attn), list(teacher_attn)
+    bias = (1.0 - mask[:, None, None, :].float()) * -1e4
+
+    def probs(xs):
+        return [(x.float() + bias).softmax(-1) for x in xs]
+
+    return probs(student_attn), probs(teacher_attn)
+
+
 def domain_vector_mse(student_vec: torch.Tensor, teacher_vec: torch.Tensor) -> torch.Tensor:
-    """Transferable-knowledge distillation per instance (spec §4c): ℓ_i = mean_d (h_d^S - h_d^T)²_{i,d}."""
+    """Transferable-knowledge distillation per instance: ℓ_i = mean_d (h_d^S - h_d^T)²_{i,d}."""
     return ((student_vec - teacher_vec.to(student_vec.dtype)) ** 2).mean(-1)
 
 
 def intermediate_loss(lam: torch.Tensor, hidden: torch.Tensor, attention: torch.Tensor, domain: torch.Tensor,
                       gamma2: float, hidden_weight: float = 1.0, attention_weight: float = 1.0) -> torch.Tensor:
-    """Stage-1 objective of meta-distillation (spec §4d, decision 6), from per-instance terms:
+    """Stage-1 objective of meta-distillation, from per-instance terms:
 
         L_1 = mean_i[ λ_i (w_h·hidn_i + w_a·attn_i) ] + γ2 · mean_i(λ_i) · mean_i(tkd_i)
 

@@ -1,13 +1,14 @@
 """Teacher and student: a Hugging Face encoder + classifier head + Meta-KD domain branch.
 
-    z      = W_cls · ReLU(pool(x)) + b                         (classifier, spec §1)
+    z      = W_cls · ReLU(pool(x)) + b                         (classifier)
     c(x)   = masked mean of the last hidden layer               (content vector)
-    pre    = W_c (c(x) + E_D[k]) + b                            (domain vector, pre-tanh: decision 9)
-    g      = Dropout(tanh(pre)),  domain_logits = W_d g + b_d    (domain branch, spec §3a)
+    pre    = W_c (c(x) + E_D[k]) + b                            (domain vector h_d, taken pre-tanh)
+    g      = Dropout(tanh(pre)),  domain_logits = W_d g + b_d    (domain branch)
 
-The student is the same module on fewer layers, plus one projection W_fit to the teacher's width
-(decision 8; identity-initialised when the widths match) shared by hidden states and the domain
-vector. Checkpoints are a Hugging Face directory (``config.json`` + ``model.safetensors`` +
+The domain vector that students match is taken before the tanh and without dropout, so the MSE
+target is deterministic and not squashed. The student is the same module on fewer layers, plus one
+projection W_fit to the teacher's width (identity-initialised when the widths match) shared by the
+hidden states and the domain vector. Checkpoints are a Hugging Face directory (``config.json`` + ``model.safetensors`` +
 tokenizer) with the heads in ``metakd_heads.safetensors`` and ``metakd.json``.
 """
 
@@ -114,13 +115,15 @@ def _capture_scores(sink: list):
 
 
 def load_encoder(path: str, num_layers: int = 0):
+    """A Hugging Face encoder with fp32 weights, whatever dtype its checkpoint was saved in
+    (transformers 5 would otherwise keep a float16 checkpoint in float16)."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # a layer cut reports every dropped weight as "unexpected"
     kwargs = {"num_hidden_layers": num_layers} if num_layers else {}
     try:
-        return AutoModel.from_pretrained(path, **kwargs)
+        return AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs)
     except Exception as exc:
         raise MetaKDError(f"cannot load model {path!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                           "expected a local Hugging Face model directory, a reachable hub id, or 'minilm'") from None
@@ -180,5 +183,6 @@ def load_model(directory: Path) -> tuple[MetaKDModel, dict]:
     return model, info
 
 
-def count_parameters(model: nn.Module, include_heads: bool = True) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if include_heads or n.startswith("encoder."))
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of the encoder (the heads are the same few thousand for teacher and student)."""
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith("encoder."))

@@ -14,11 +14,13 @@ import shutil
 
 import numpy as np
 
-from metakd_ray.config import METHODS, Config
-from metakd_ray.data import prepare
+from metakd_ray.config import Config
+from metakd_ray.data.prepare import prepare
 from metakd_ray.distill import StudentJob, run_students
 from metakd_ray.errors import MetaKDError
-from metakd_ray.io import atomic_write_json
+from metakd_ray.io import atomic_write_json, text_table
+from metakd_ray.methods import METHODS, TEACHER_KINDS, method, teacher_name
+from metakd_ray.outputs import Store, teacher_dir
 from metakd_ray.prototypes import compute_prototype_scores, prototype_dir
 from metakd_ray.teacher import train_teacher
 from metakd_ray.tracking import experiment_id, pipeline_run
@@ -29,31 +31,28 @@ def resolve_methods(spec: str | None, cfg: Config) -> list[str]:
         return list(cfg.distill.methods)
     if spec == "all":
         return list(METHODS)
-    methods = [m.strip() for m in spec.split(",") if m.strip()]
-    for m in methods:
-        if m not in METHODS:
-            raise MetaKDError(f"--methods: unknown method {m!r} (expected 'all' or some of: {', '.join(METHODS)})")
-    return methods
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    for name in names:
+        if name not in METHODS:
+            raise MetaKDError(f"--methods: unknown method {name!r} (expected 'all' or some of: {', '.join(METHODS)})")
+    return names
 
 
 def teachers_needed(cfg: Config, methods: list[str]) -> list[tuple[str, str]]:
     """(kind, domain) of every teacher the methods distil from, meta first."""
-    jobs = [StudentJob(m, d) for m in methods for d in cfg.data.domains]
     needed = []
-    for job in jobs:
-        if job.teacher_kind:
-            pair = (job.teacher_kind, job.domain if job.teacher_kind == "single" else "")
+    for name in methods:
+        kind = method(name).teacher_kind
+        for domain in cfg.data.domains if kind else ():
+            pair = (kind, domain if kind == "single" else "")
             if pair not in needed:
                 needed.append(pair)
-    return sorted(needed, key=lambda p: ("meta", "mix", "single").index(p[0]))
+    return sorted(needed, key=lambda p: TEACHER_KINDS.index(p[0]))
 
 
 def train_teachers(cfg: Config, data, scores, needed, parent, fresh: bool = False) -> dict[str, dict]:
-    out = {}
-    for kind, domain in needed:
-        summary = train_teacher(cfg, data, scores, kind, domain, parent, fresh=fresh)
-        out[f"single-{domain}" if kind == "single" else kind] = summary
-    return out
+    return {teacher_name(kind, domain): train_teacher(cfg, data, scores, kind, domain, parent, fresh=fresh)
+            for kind, domain in needed}
 
 
 def run_pipeline(cfg: Config, methods: list[str], fresh: bool = False, teachers_only: bool = False,
@@ -63,8 +62,9 @@ def run_pipeline(cfg: Config, methods: list[str], fresh: bool = False, teachers_
     parent = pipeline_run(cfg)
     parent.log_artifact(prototype_dir(cfg, data) / "prototype_scores.png", "prototypes")
     needed = teachers_needed(cfg, methods)
+    store = Store.of(cfg)
     if require_teachers:
-        missing = [k for k, d in needed if not (cfg.out / "teachers" / (f"single-{d}" if d else k) / "result.json").is_file()]
+        missing = [teacher_name(k, d) for k, d in needed if not _have_teacher(cfg, store, teacher_name(k, d))]
         if missing:
             raise MetaKDError(f"no trained teacher(s) {sorted(set(missing))} in {cfg.out / 'teachers'}: "
                               f"run `metakd-ray teacher` (or `metakd-ray run`) first")
@@ -76,8 +76,10 @@ def run_pipeline(cfg: Config, methods: list[str], fresh: bool = False, teachers_
         return {"teachers": teachers}
     jobs = [StudentJob(m, d) for m in methods for d in cfg.data.domains]
     students, failures = run_students(cfg, data, jobs, teachers, scores, parent)
-    results = assemble_results(cfg, data.domains, teachers, students, parent, failures)
+    results = assemble_results(cfg, data.domains, teachers, students, parent, failures, store)
     atomic_write_json(cfg.out / "results.json", results)
+    if store:
+        store.put(cfg.out / "results.json", "results.json")
     parent.log_artifact(cfg.out / "results.json")
     print(format_table(results))
     print(f"results: {cfg.out / 'results.json'}   MLflow: {results['mlflow']['tracking_uri']} "
@@ -89,7 +91,13 @@ def run_pipeline(cfg: Config, methods: list[str], fresh: bool = False, teachers_
     return results
 
 
-def assemble_results(cfg: Config, domains: list[str], teachers: dict, students: dict, parent, failures: dict) -> dict:
+def _have_teacher(cfg: Config, store: Store | None, name: str) -> bool:
+    directory = teacher_dir(cfg, name)
+    return (directory / "result.json").is_file() or bool(store and store.get(f"teachers/{name}", directory))
+
+
+def assemble_results(cfg: Config, domains: list[str], teachers: dict, students: dict, parent, failures: dict,
+                     store: Store | None) -> dict:
     teacher_table: dict = {}
     for name, summary in teachers.items():
         kind = summary["kind"]
@@ -112,19 +120,24 @@ def assemble_results(cfg: Config, domains: list[str], teachers: dict, students: 
         "failed": failures,
         "mlflow": {"tracking_uri": parent.tracking_uri, "experiment_id": experiment_id(cfg),
                    "parent_run_id": parent.run_id},
+        "precision": {"config": cfg.precision,
+                      "teachers": sorted({t.get("precision", "fp32") for t in teachers.values()}),
+                      "students": sorted({r.get("precision", "fp32") for per in students.values()
+                                          for r in per.values()})},
+        "storage": store.uri if store else None,
         "config_hash": cfg.hash(),
         "config": cfg.to_dict(),
     }
 
 
 def format_table(results: dict) -> str:
+    """The test-accuracy table: one row per teacher and student method, one column per domain."""
     domains = results["domains"]
-    header = f"{'test accuracy':<24}" + "".join(f"{d[:11]:>12}" for d in domains) + f"{'mean':>9}"
-    lines = [header, "-" * len(header)]
-    rows = [(f"teacher {k}", v) for k, v in results["teacher"].items()] + list(results["students"].items())
-    for name, per in rows:
+    rows = []
+    for name, per in [(f"teacher {k}", v) for k, v in results["teacher"].items()] + list(results["students"].items()):
         cells = [per.get(d, {}).get("test_acc") for d in domains]
-        mean = np.mean([c for c in cells if c is not None]) if any(c is not None for c in cells) else None
-        lines.append(f"{name:<24}" + "".join(f"{c:>12.4f}" if c is not None else f"{'-':>12}" for c in cells)
-                     + (f"{mean:>9.4f}" if mean is not None else f"{'-':>9}"))
-    return "\n".join(lines)
+        known = [c for c in cells if c is not None]
+        cells.append(np.mean(known) if known else None)
+        rows.append([name] + [f"{c:.4f}" if c is not None else "-" for c in cells])
+    return text_table(["test accuracy"] + [d[:11] for d in domains] + ["mean"], rows,
+                      [24] + [12] * len(domains) + [9])

@@ -1,15 +1,14 @@
 """Stage 0: prototype (transferability) scores t for every training instance, cached with the data.
 
-A frozen pass of the pretrained backbone embeds the training texts (decision 2), then the pure
-functions of ``scores`` turn embeddings into t. The result is a parquet file ``uid -> t`` beside
+A frozen pass of the pretrained backbone (on the GPU when this process has one) embeds the training
+texts, mean-pooled over real tokens, then the pure functions of ``scores`` turn embeddings into t.
+The result is a parquet file ``uid -> t`` beside
 the tokenized splits, keyed by the data cache key and the prototype settings, plus a per-domain
 histogram (PNG) that the pipeline logs to MLflow.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -18,9 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from metakd_ray.config import Config
-from metakd_ray.data import PreparedData
-from metakd_ray.io import atomic_dir
+from metakd_ray import plots
+from metakd_ray.cluster import autocast, prepare_device, task_device
+from metakd_ray.config import Config, model_path
+from metakd_ray.data.prepare import PreparedData
+from metakd_ray.io import atomic_dir, content_key, read_parquet
+from metakd_ray.models import load_encoder
 from metakd_ray.scores import (mean_pool, prototype_scores_per_class, prototype_scores_per_domain,
                                prototype_scores_unseen)
 from metakd_ray.training import batch_at
@@ -29,15 +31,15 @@ from metakd_ray.training import batch_at
 def prototype_dir(cfg: Config, data: PreparedData) -> Path:
     p = cfg.prototypes
     settings = [data.key, cfg.model.teacher, p.variant, p.alpha, p.zeta, p.pooling, p.normalize,
-                cfg.data.held_out_domain]
-    key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
-    return data.directory.parent / f"prototypes-{key}"
+                cfg.data.held_out_domain, cfg.precision]
+    return data.directory.parent / f"prototypes-{content_key(*settings)}"
 
 
 def compute_prototype_scores(cfg: Config, data: PreparedData, quiet: bool = False) -> dict[str, float]:
     """{uid: t} for every training instance (cached; recomputed only when inputs change)."""
     directory = prototype_dir(cfg, data)
-    if not (directory / "scores.parquet").is_file():
+    table = read_parquet(directory / "scores.parquet")
+    if table is None:
         start = time.time()
         train = data.splits["train"]
         emb = embed(cfg, train, quiet=quiet)
@@ -45,10 +47,10 @@ def compute_prototype_scores(cfg: Config, data: PreparedData, quiet: bool = Fals
         with atomic_dir(directory) as tmp:
             pq.write_table(pa.table({"uid": train.uids, "domain": [data.domains[d] for d in train.domain_ids],
                                      "t": t.numpy().astype(np.float32)}), tmp / "scores.parquet")
-            plot_histogram(tmp / "prototype_scores.png", t.numpy(), train.domain_ids, data.domains)
+            plots.histogram(tmp / "prototype_scores.png", t.numpy(), train.domain_ids, data.domains)
         if not quiet:
             print(f"[prototypes] scored {len(train)} training instances in {time.time() - start:.0f}s -> {directory}")
-    table = pq.read_table(directory / "scores.parquet")
+        table = pq.read_table(directory / "scores.parquet")
     scores = dict(zip(table.column("uid").to_pylist(), table.column("t").to_pylist()))
     if not quiet:
         print(summarize(table))
@@ -77,21 +79,22 @@ def scores_for(cfg: Config, data: PreparedData, emb: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def embed(cfg: Config, split, quiet: bool = False) -> torch.Tensor:
-    """Mean-pooled last layer of the frozen pretrained backbone for every row of ``split``."""
-    from metakd_ray.models import load_encoder
-    from metakd_ray.config import model_path
-
-    encoder = load_encoder(model_path(cfg.model.teacher)).eval()
+def embed(cfg: Config, split, quiet: bool = False, device: torch.device | None = None) -> torch.Tensor:
+    """Mean-pooled last layer of the frozen pretrained backbone for every row of ``split``, computed on
+    ``device`` (default: this process's GPU if it has one) and returned on the CPU."""
+    device = device or task_device()
+    prepare_device(device)
+    encoder = load_encoder(model_path(cfg.model.teacher)).to(device).eval()
     tensors = split.tensors()
     bs, out = cfg.prototypes.batch_size, []
     # Sorting by length keeps padding (and so compute) low; the order is restored at the end.
     order = np.argsort(split.attention_mask.sum(1))
     for i, start in enumerate(range(0, len(split), bs)):
-        b = batch_at(tensors, order[start:start + bs])
-        h = encoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                    token_type_ids=b["token_type_ids"]).last_hidden_state
-        out.append(mean_pool(h, b["attention_mask"], masked=cfg.prototypes.pooling == "masked"))
+        b = batch_at(tensors, order[start:start + bs], device)
+        with autocast(device, cfg.precision):
+            h = encoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                        token_type_ids=b["token_type_ids"]).last_hidden_state
+        out.append(mean_pool(h.float(), b["attention_mask"], masked=cfg.prototypes.pooling == "masked").cpu())
         if not quiet and i % 20 == 0:
             print(f"[prototypes] embedded {min(start + bs, len(split))}/{len(split)}", flush=True)
     emb = torch.empty(len(split), out[0].shape[-1])
@@ -103,22 +106,3 @@ def summarize(table) -> str:
     frame = table.to_pandas()
     stats = frame.groupby("domain")["t"].describe()[["count", "mean", "std", "min", "max"]]
     return "prototype scores t per domain:\n" + stats.round(4).to_string()
-
-
-def plot_histogram(path: Path, t: np.ndarray, domain_ids: np.ndarray, domains: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for d, name in enumerate(domains):
-        values = t[domain_ids == d]
-        if len(values):
-            ax.hist(values, bins=30, alpha=0.5, label=name)
-    ax.set_xlabel("prototype score t")
-    ax.set_ylabel("instances")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -19,10 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from metakd_ray import plots
 from metakd_ray.errors import MetaKDError
-from metakd_ray.io import atomic_dir, read_json
+from metakd_ray.methods import METHODS
+from metakd_ray.io import atomic_dir, read_json, text_table
 
-# Spec section 7, the paper's stated Avg test accuracy in %: recalled, not checked against the PDF.
+# The paper's stated Avg test accuracy in % (Pan et al. 2021, Tables 2 and 3): recalled, not checked
+# against the PDF.
 PAPER_DOMAINS = {
     "amazon": ["books", "dvd", "electronics", "kitchen"],
     "mnli": ["fiction", "government", "slate", "telephone", "travel"],
@@ -33,8 +36,7 @@ PAPER_AVG = {
     "mnli": {"teacher single": 81.9, "teacher mix": 84.4, "teacher meta": 84.4, "tinybert_kd(single)": 79.3,
              "tinybert_kd(mix)": 79.6, "tinybert_kd(meta)": 80.0, "meta_kd": 80.4},
 }
-TEACHER_OF = {"meta_kd": "teacher meta", "tinybert_kd(meta)": "teacher meta", "tinybert_kd(mix)": "teacher mix",
-              "tinybert_kd(single)": "teacher single"}
+TEACHER_OF = {m.name: m.teacher_row for m in METHODS.values() if m.distils}
 
 
 @dataclass
@@ -61,14 +63,14 @@ class Setting:
         """[seeds, domains] of ``key`` (NaN where a seed lacks the cell)."""
         out = np.full((len(self.runs), len(self.domains)), np.nan)
         for i, r in enumerate(self.runs):
-            table = _table(r, row)
+            table = _row_of(r, row)
             for j, d in enumerate(self.domains):
                 if d in table and table[d].get(key) is not None:
                     out[i, j] = table[d][key]
         return out
 
 
-def _table(results: dict, row: str) -> dict:
+def _row_of(results: dict, row: str) -> dict:
     """{domain: cell} of one row ("teacher <kind>" or a student method) of one results.json."""
     if row.startswith("teacher "):
         return results["teacher"].get(row[len("teacher "):], {})
@@ -123,8 +125,8 @@ def summarize(settings: list[Setting]) -> dict:
             acc = s.cells(row)
             per_domain = {d: dict(zip(("mean", "std", "n"), mean_std(acc[:, j]))) for j, d in enumerate(s.domains)}
             avg = mean_std(seed_means(acc))
-            run_ids = {c.get("run_id") for r in s.runs for c in _table(r, row).values()}
-            first_ids = {c.get("run_id") for c in _table(s.runs[0], row).values()}
+            run_ids = {c.get("run_id") for r in s.runs for c in _row_of(r, row).values()}
+            first_ids = {c.get("run_id") for c in _row_of(s.runs[0], row).values()}
             rows[row] = {"per_domain": per_domain, "avg": dict(zip(("mean", "std", "n"), avg)),
                          "shared": len(s.runs) > 1 and None not in run_ids and run_ids == first_ids,
                          "params": _finite_mean(s.cells(row, "params")),
@@ -261,7 +263,7 @@ def markdown(settings: list[Setting], summary: dict, reductions: list[str], figu
         paper = paper_table(s.domains)
         if paper and info["target_fraction"] == 1.0:
             dataset, rows = paper
-            lines += [f"Beside the paper's {dataset} table (spec §7, **recalled, not checked against the PDF**; "
+            lines += [f"Beside the paper's {dataset} table (**recalled, not checked against the PDF**; "
                       "BERT-base → TinyBERT-4L there, a smaller setting here):", "",
                       "| row | ours Avg | paper Avg | ours − paper |", "|---|---|---|---|"]
             for row, paper_avg in rows.items():
@@ -285,7 +287,7 @@ def teacher_gaps(info: dict) -> dict[str, tuple[str, float]]:
 
 
 def reductions_vs_paper(settings: list[Setting]) -> list[str]:
-    """What each setting runs smaller than spec section 6 (the ``amazon`` preset's values)."""
+    """What each setting runs smaller than the paper's protocol (the ``amazon`` preset's values)."""
     from metakd_ray.config import load_config
 
     paper = load_config("amazon").to_dict()
@@ -311,74 +313,6 @@ def reductions_vs_paper(settings: list[Setting]) -> list[str]:
 # --------------------------------------------------------------------------- figures
 
 
-def plot_heatmap(settings: list[Setting], summary: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    labels, matrix, columns = [], [], None
-    for s in settings:
-        columns = s.domains + ["Avg"]
-        for row, cell in summary[s.name]["rows"].items():
-            labels.append(row if len(settings) == 1 else f"{row} [{s.name}]")
-            matrix.append([cell["per_domain"][d]["mean"] for d in s.domains] + [cell["avg"]["mean"]])
-    values = np.array(matrix) * 100
-    fig, ax = plt.subplots(figsize=(1.4 * len(columns) + 3, 0.45 * len(labels) + 1.5))
-    im = ax.imshow(values, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(columns)), columns)
-    ax.set_yticks(range(len(labels)), labels)
-    for i in range(values.shape[0]):
-        for j in range(values.shape[1]):
-            if np.isfinite(values[i, j]):
-                ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", color="white", fontsize=8)
-    fig.colorbar(im, ax=ax, label="test accuracy (%)")
-    ax.set_title("Test accuracy, mean over seeds")
-    _save(fig, path)
-
-
-def plot_size_latency(settings: list[Setting], summary: dict, path: Path) -> bool:
-    import matplotlib.pyplot as plt
-
-    points, seen = [], set()
-    for s in settings:
-        for row, c in summary[s.name]["rows"].items():
-            if c["params"] is None or c["latency_ms"] is None or not np.isfinite(c["avg"]["mean"]) or row in seen:
-                continue
-            if row.startswith("teacher ") and c["shared"]:
-                seen.add(row)  # the same teacher in every setting: one point
-            label = row if len(settings) == 1 or row in seen else f"{row} [{s.name}]"
-            points.append((label, c["params"], c["latency_ms"], c["avg"]["mean"]))
-    if not points:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, index, xlabel in ((axes[0], 1, "encoder parameters (millions)"),
-                              (axes[1], 2, "latency (ms, batch 1, 1 thread)")):
-        for label, *vals in points:
-            x = vals[index - 1] / 1e6 if index == 1 else vals[index - 1]
-            ax.scatter(x, vals[2] * 100, marker="s" if label.startswith("teacher") else "o")
-            ax.annotate(label, (x, vals[2] * 100), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("Avg test accuracy (%)")
-        ax.grid(alpha=0.3)
-    fig.suptitle("Accuracy vs model size and latency")
-    _save(fig, path)
-    return True
-
-
-def plot_gaps(settings: list[Setting], summary: dict, path: Path) -> bool:
-    import matplotlib.pyplot as plt
-
-    bars = [(row if len(settings) == 1 else f"{row} [{s.name}]", gap)
-            for s in settings for row, (_, gap) in teacher_gaps(summary[s.name]).items()]
-    if not bars:
-        return False
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(bars) + 1.5))
-    ax.barh([b[0] for b in bars], [b[1] for b in bars], color="tab:orange")
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("teacher Avg − student Avg (points)")
-    ax.set_title("Teacher → student gap")
-    _save(fig, path)
-    return True
-
-
 def curve_histories(settings: list[Setting], metric: str = "val/acc") -> dict:
     """{setting: {row: {domain: [(step, value)]}}} from MLflow, for each setting's first seed."""
     from mlflow import MlflowClient
@@ -402,57 +336,24 @@ def curve_histories(settings: list[Setting], metric: str = "val/acc") -> dict:
     return out
 
 
-def plot_curves(settings: list[Setting], histories: dict, path: Path) -> bool:
-    import matplotlib.pyplot as plt
-
-    if not histories:
-        return False
-    domains = settings[0].domains
-    fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.5), squeeze=False)
-    for j, d in enumerate(domains):
-        ax = axes[0, j]
-        for setting, rows in histories.items():
-            for row, per in rows.items():
-                if per.get(d):
-                    steps, values = zip(*per[d])
-                    ax.plot(steps, np.array(values) * 100, label=row if len(histories) == 1 else f"{row} [{setting}]")
-        ax.set_title(d)
-        ax.set_xlabel("student step")
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("dev accuracy (%)")
-    axes[0, -1].legend(fontsize=7)
-    fig.suptitle("Student dev accuracy during training (first seed)")
-    _save(fig, path)
-    return True
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------- entry point
 
 
 def build_report(results: list[dict], out_dir: Path, log_to_mlflow: bool = True) -> dict:
     """Write report.md, report.json and the figures to ``out_dir`` (atomically); return the summary."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     settings = group(results)
     summary = summarize(settings)
     reductions = reductions_vs_paper(settings)
+    gaps = [(row if len(settings) == 1 else f"{row} [{s.name}]", gap)
+            for s in settings for row, (_, gap) in teacher_gaps(summary[s.name]).items()]
     with atomic_dir(out_dir) as tmp:
         figures = ["heatmap.png"]
-        plot_heatmap(settings, summary, tmp / "heatmap.png")
-        if plot_size_latency(settings, summary, tmp / "size_latency.png"):
+        plots.heatmap(settings, summary, tmp / "heatmap.png")
+        if plots.size_latency(settings, summary, tmp / "size_latency.png"):
             figures.append("size_latency.png")
-        if plot_gaps(settings, summary, tmp / "gap.png"):
+        if plots.gaps(gaps, tmp / "gap.png"):
             figures.append("gap.png")
-        if plot_curves(settings, curve_histories(settings), tmp / "curves.png"):
+        if plots.curves(settings, curve_histories(settings), tmp / "curves.png"):
             figures.append("curves.png")
         (tmp / "report.md").write_text(markdown(settings, summary, reductions, figures))
         (tmp / "report.json").write_text(json.dumps({"settings": summary, "reductions": reductions}, indent=2) + "\n")
@@ -475,11 +376,8 @@ def log_report(results: list[dict], out_dir: Path) -> None:
 
 
 def markdown_table_preview(settings: list[Setting], summary: dict) -> str:
-    lines = []
-    for s in settings:
-        header = f"{s.name + ' (test %)':<28}" + "".join(f"{d[:11]:>15}" for d in s.domains) + f"{'Avg':>15}"
-        lines += [header, "-" * len(header)]
-        for row, cell in summary[s.name]["rows"].items():
-            lines.append(f"{row:<28}" + "".join(f"{text:>15}" for text in _row_cells(cell, s.domains)))
-        lines.append("")
-    return "\n".join(lines)
+    tables = [text_table([s.name + " (test %)"] + [d[:11] for d in s.domains] + ["Avg"],
+                         [[row] + _row_cells(cell, s.domains) for row, cell in summary[s.name]["rows"].items()],
+                         [28] + [15] * (len(s.domains) + 1))
+              for s in settings]
+    return "\n\n".join(tables) + "\n"

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor, masked: bool = True) -> torch.Tensor:
-    """Sentence embedding of the last hidden layer (spec decision 2).
+    """Sentence embedding of the last hidden layer.
 
     masked:   e(x) = Σ_l m_l·H_l / Σ_l m_l over real tokens (default).
     unmasked: e(x) = mean_{l=1..L-1} H_l, skipping [CLS], padding included (authors' code, §1).
@@ -23,7 +23,7 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor, masked: bool =
 
 def prototype_scores_per_class(emb: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor,
                                alpha: float = 0.5, zeta: float = 0.5) -> torch.Tensor:
-    """Paper variant (spec §2a, decision 1), for instance i of domain k and class m:
+    """Paper variant (the default ``prototypes.variant``), for instance i of domain k and class m:
 
         p_m^(k) = mean{ e(x_j) : domain_j = k, y_j = m }
         t_i = α·cos(e_i, p_m^(k)) + ζ·(1/(K'-1))·Σ_{k'≠k} cos(e_i, p_m^(k'))
@@ -44,7 +44,7 @@ def prototype_scores_per_class(emb: torch.Tensor, labels: torch.Tensor, domains:
 
 def prototype_scores_per_domain(emb: torch.Tensor, domains: torch.Tensor,
                                 alpha: float = 0.5, zeta: float = 0.5) -> torch.Tensor:
-    """Authors'-code variant (spec §2b), labels ignored, for instance i of domain k:
+    """Authors'-code variant (``prototypes.variant: per_domain``), labels ignored, for instance i of domain k:
 
         μ_k = mean{ e(x_j) : domain_j = k },   ν_k = (1/(K-1)) Σ_{k'≠k} μ_k'
         t_i = α·cos(e_i, μ_k) + ζ·cos(e_i, ν_k)
@@ -67,7 +67,7 @@ def prototype_scores_per_domain(emb: torch.Tensor, domains: torch.Tensor,
 def prototype_scores_unseen(emb: torch.Tensor, labels: torch.Tensor, ref_emb: torch.Tensor,
                             ref_labels: torch.Tensor, ref_domains: torch.Tensor, variant: str,
                             alpha: float = 0.5, zeta: float = 0.5) -> torch.Tensor:
-    """Scores for a held-out domain's instances against the seen domains (decision 12).
+    """Scores for a held-out domain's instances against the seen domains (the unseen-domain setting).
 
     The instance has no own-domain prototype, so both terms use the seen domains: the own term is
     the nearest seen prototype (max cosine), the other term the mean over seen prototypes
@@ -102,7 +102,7 @@ def _prototypes(emb, labels, domains):
 
 
 def expertise_weight(teacher_logits: torch.Tensor, labels: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Domain-expertise weight λ per instance (spec §4a, decision 5):
+    """Domain-expertise weight λ per instance, computed once from the frozen teacher's outputs:
 
         p_i = softmax(z_i^T)[y_i]        (teacher probability of the gold label)
         λ_i = (1 + t_i) · sigmoid(-(1 - p_i)²) = (1 + t_i) / (1 + exp((1 - p_i)²))

@@ -4,15 +4,12 @@
     metakd-ray teacher amazon teacher.kind=mix         # the paper's BERT-mix baseline
     ray job submit --working-dir . -- metakd-ray teacher amazon teacher.num_workers=4 teacher.use_gpu=true
 
-Loss per batch (spec §3b, decisions 3-4):
-
-    L_T = mean_i t_i·CE(z_i, y_i) + γ1·mean_i ℓ^dom_i        (or mean_i t_i·(CE + γ1·ℓ^dom) with
-                                                           teacher.weight_domain_loss=true)
+The objective is ``losses.teacher_loss``: t-weighted CE plus γ1 times the domain loss.
 
 Kinds: ``meta`` (t weights + domain loss), ``mix`` (all domains, plain CE), ``single`` (one teacher
 per domain, plain CE). ``train_loop_per_worker`` reads top to bottom; Ray appears only at its edges
-(context, checkpoint restore, report). Every ``teacher.eval_every`` steps rank 0 evaluates each
-domain's dev set and reports ``val/<domain>/acc`` and ``val/mean_acc`` with a checkpoint (model,
+(context, device, checkpoint restore, report). Every ``teacher.eval_every`` steps rank 0 evaluates
+each domain's dev set and reports ``val/<domain>/acc`` and ``val/mean_acc`` with a checkpoint (model,
 optimiser, scheduler, step, RNG); the best checkpoint by ``val/mean_acc`` becomes the teacher.
 A restarted worker group resumes from the latest checkpoint; re-running the command resumes an
 unfinished run (same Ray run name) and does nothing for a finished one.
@@ -28,18 +25,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from metakd_ray import losses
+from metakd_ray.cluster import (autocast, init_ray, is_remote, latest_checkpoint, prepare_device, resolve_precision,
+                                storage_path, task_device)
 from metakd_ray.config import Config, model_path
-from metakd_ray.data import PreparedData, Split
+from metakd_ray.data.prepare import PreparedData, Split
 from metakd_ray.errors import MetaKDError
-from metakd_ray.io import atomic_dir, atomic_write_json, read_json
-from metakd_ray.models import build_teacher, count_parameters, save_model
+from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json
+from metakd_ray.methods import teacher_name
+from metakd_ray.models import MetaKDModel, build_teacher, count_parameters, save_model
+from metakd_ray.outputs import Store, teacher_dir
 from metakd_ray.tracking import RunRef, flatten, open_run
-from metakd_ray.training import (accuracy_by_domain, batch_at, epoch_order, make_optimizer, measure_latency,
-                                seed_everything)
+from metakd_ray.training import (LOG_EVERY, accuracy_by_domain, batch_at, epoch_order, forward, make_optimizer,
+                                 measure_latency, optimizer_step, seed_everything)
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -50,16 +50,18 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    # [1] Where am I, and what do I train on.
+    # [1] Where am I, what do I compute on, and what do I train on.
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
+    device = ray.train.torch.get_device()
+    prepare_device(device)
     train: Split = ray.get(config["train"])
     dev: Split = ray.get(config["dev"])
     weights = torch.tensor(ray.get(config["weights"]))
     run: RunRef | None = config["run"] if rank == 0 else None
 
-    # [2] Model, optimiser, schedule.
+    # [2] Model (moved to the device by prepare_model), optimiser, schedule.
     seed_everything(config["seed"])
     model = build_teacher(config["model_name"], config["num_labels"], config["num_domains"], config["dropout"])
     model = ray.train.torch.prepare_model(model)
@@ -82,6 +84,9 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"[teacher] rank {rank} resumed at step {step}/{total_steps}", flush=True)
     else:
         torch.manual_seed(config["seed"] + rank)
+    if rank == 0 and step == 0:
+        print(f"[teacher] training on {device} with {resolve_precision(config['precision'], device)} "
+              f"over {world} worker(s)", flush=True)
 
     tensors = train.tensors()
     domains = config["domains"]
@@ -92,8 +97,9 @@ def train_loop_per_worker(config: dict) -> None:
         epoch, position = divmod(step, steps_per_epoch)
         order = epoch_order(len(train), config["seed"], epoch)
         index = order[position * global_batch:(position + 1) * global_batch][rank::world][:local_batch]
-        loss, ce, domain_term = train_step(model, optimizer, scheduler, batch_at(tensors, index), weights[index],
-                                           config, step, rank)
+        batch = batch_at(tensors, index, device)
+        t = weights[index].to(device, non_blocking=True)
+        loss, ce, domain_term = train_step(model, optimizer, scheduler, batch, t, config, step, rank)
         step += 1
         window_samples += len(index) * world
 
@@ -109,7 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
                        "train/samples_per_s": throughput}
             checkpoint_dir = None
             if rank == 0:
-                acc = accuracy_by_domain(core, dev, domains)
+                acc = accuracy_by_domain(core, dev, domains, config["precision"])
                 metrics.update({f"val/{d}/acc": a for d, a in acc.items()})
                 metrics["val/mean_acc"] = float(np.mean(list(acc.values())))
                 if metrics["val/mean_acc"] > best["acc"]:
@@ -128,37 +134,28 @@ def train_loop_per_worker(config: dict) -> None:
             window_start, window_samples = time.perf_counter(), 0
 
 
-def train_step(model, optimizer, scheduler, b: dict, t: torch.Tensor, config: dict, step: int, rank: int):
-    """One optimisation step of the teacher objective; returns (loss, per-instance CE, domain term)."""
-    kind, gamma1 = config["domain_loss"], config["gamma1"]
-    out = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"],
-                grl_scale=1.0 if kind == "grl" else 0.0)
-    ce = F.cross_entropy(out.logits, b["labels"], reduction="none")
-    domain_term = _domain_loss(kind, out.domain_logits, b["domain_ids"], config["seed"], step, rank)
-    if config["weight_domain_loss"]:
-        loss = (t * (ce + gamma1 * domain_term)).mean()
-    else:
-        loss = (t * ce).mean() + gamma1 * domain_term.mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
-    optimizer.step()
-    scheduler.step()
+def train_step(model, optimizer, scheduler, batch: dict, t: torch.Tensor, config: dict, step: int, rank: int):
+    """One optimisation step of ``losses.teacher_loss``; returns (loss, per-instance CE, domain term).
+
+    The shuffled domain loss draws a fresh permutation each step from a generator seeded by
+    (seed, step, rank): distinct per step and worker, and replayed exactly on resume (the
+    multipliers are primes so that nearby (step, rank) pairs do not share a seed).
+    """
+    kind = config["domain_loss"]
+    device = batch["input_ids"].device
+    generator = torch.Generator().manual_seed(config["seed"] * 7919 + step * 31 + rank)
+    with autocast(device, config["precision"]):
+        out = forward(model, batch, grl_scale=1.0 if kind == "grl" else 0.0)
+        loss, ce, domain_term = losses.teacher_loss(
+            out.logits.float(), batch["labels"], t, out.domain_logits.float(), batch["domain_ids"], kind,
+            config["gamma1"], config["weight_domain_loss"], generator)
+    optimizer_step(model, optimizer, scheduler, loss, config["max_grad_norm"])
     return loss, ce, domain_term
 
 
-def _domain_loss(kind: str, domain_logits, domain_ids, seed: int, step: int, rank: int):
-    if kind == "shuffled":
-        # A fresh in-batch permutation every step, reproducible from (seed, step, rank).
-        g = torch.Generator().manual_seed(seed * 7919 + step * 31 + rank)
-        return losses.shuffled_domain_ce(domain_logits, domain_ids, g)
-    if kind == "uniform":
-        return losses.uniform_domain_kl(domain_logits)
-    return losses.grl_domain_ce(domain_logits, domain_ids)
-
-
 def _save_training_state(directory: Path, model, optimizer, scheduler, step: int, best: dict) -> None:
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              directory / "model.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state()}, directory / "training_state.pt")
     (directory / "state.json").write_text(json.dumps({"step": step, "best": best}))
@@ -166,7 +163,9 @@ def _save_training_state(directory: Path, model, optimizer, scheduler, step: int
 
 def _load_training_state(directory: Path, model, optimizer, scheduler, rank: int):
     model.load_state_dict(load_file(directory / "model.safetensors"))
-    state = torch.load(directory / "training_state.pt", weights_only=True)
+    # map_location: a GPU run's checkpoint resumes on CPU too; load_state_dict moves the optimiser
+    # state to its parameters' device.
+    state = torch.load(directory / "training_state.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     info = json.loads((directory / "state.json").read_text())
@@ -191,44 +190,79 @@ def teacher_objective(cfg: Config, kind: str) -> dict:
 
 def loop_settings(cfg: Config, data: PreparedData, kind: str) -> dict:
     """Everything ``train_loop_per_worker`` needs besides the data and the MLflow run."""
-    t = cfg.teacher
-    return {"threads": t.cpus_per_worker, "seed": cfg.seed, "model_name": cfg.model.teacher,
+    tcfg = cfg.teacher
+    return {"threads": tcfg.cpus_per_worker, "seed": cfg.seed, "model_name": cfg.model.teacher,
             "num_labels": len(data.labels), "num_domains": len(data.domains), "dropout": cfg.model.dropout,
-            "domains": data.domains, "batch_size": t.batch_size, "epochs": t.epochs, "lr": t.lr,
-            "weight_decay": t.weight_decay, "warmup_fraction": t.warmup_fraction, "max_grad_norm": t.max_grad_norm,
-            "eval_every": t.eval_every, "log_every": 5, **teacher_objective(cfg, kind)}
+            "domains": data.domains, "batch_size": tcfg.batch_size, "epochs": tcfg.epochs, "lr": tcfg.lr,
+            "weight_decay": tcfg.weight_decay, "warmup_fraction": tcfg.warmup_fraction,
+            "max_grad_norm": tcfg.max_grad_norm,
+            "eval_every": tcfg.eval_every, "log_every": LOG_EVERY, "precision": cfg.precision,
+            **teacher_objective(cfg, kind)}
 
 
-def teacher_name(kind: str, domain: str = "") -> str:
-    return f"single-{domain}" if kind == "single" else kind
+def loop_config(cfg: Config, data: PreparedData, kind: str, domain_ids: list[int], weights: np.ndarray,
+                run: RunRef | None) -> dict:
+    """``loop_settings`` plus the data (in the object store, so workers on any node get it) and the run."""
+    import ray
+
+    return dict(loop_settings(cfg, data, kind), train=ray.put(data.splits["train"].for_domains(domain_ids)),
+                dev=ray.put(data.splits["dev"].for_domains(domain_ids)), weights=ray.put(weights), run=run)
+
+
+def make_trainer(cfg: Config, loop_config: dict, run_name: str, storage: str, callbacks=None, num_to_keep=None):
+    """The one ``TorchTrainer`` of the project: workers, device, checkpoints and retries from ``cfg.teacher``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    tcfg = cfg.teacher
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
+                                     resources_per_worker={"CPU": tcfg.cpus_per_worker},
+                                     placement_strategy=tcfg.placement_strategy),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage, callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep or tcfg.num_to_keep,
+                                               checkpoint_score_attribute="val/mean_acc",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=tcfg.max_failures),
+        ),
+    )
+
+
+def load_best_teacher(cfg: Config, data: PreparedData, result) -> tuple[MetaKDModel, dict]:
+    """The best checkpoint of a finished fit (by ``val/mean_acc``) as a model, with its metrics."""
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val/mean_acc"])
+    model = build_teacher(cfg.model.teacher, len(data.labels), len(data.domains), cfg.model.dropout)
+    with best_ckpt.as_directory() as d:
+        model.load_state_dict(load_file(Path(d) / "model.safetensors"))
+    return model, best_metrics
 
 
 def teacher_key(cfg: Config, data: PreparedData, kind: str, domain: str = "") -> str:
-    import hashlib
-
-    blob = json.dumps([data.key, cfg.hash("model", "teacher", "prototypes", "seed"), cfg.data.held_out_domain,
-                       kind, domain], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return content_key(data.key, cfg.hash("model", "teacher", "prototypes", "seed"), cfg.precision,
+                       cfg.data.held_out_domain, kind, domain)[:12]
 
 
 def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kind: str, domain: str = "",
                   parent: RunRef | None = None, fresh: bool = False) -> dict:
     """Train (or resume, or reuse) one teacher; returns its ``result.json`` content."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     name = teacher_name(kind, domain)
     key = teacher_key(cfg, data, kind, domain)
-    out_dir = cfg.out / "teachers" / name
+    out_dir = teacher_dir(cfg, name)
     run_name = f"teacher-{name}-{key}"
     storage = storage_path(cfg)
+    store = Store.of(cfg)
     if fresh:
         shutil.rmtree(out_dir, ignore_errors=True)
-        if not storage.startswith(("s3://", "gs://")):
+        if not is_remote(storage):
             shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
-    done = read_json(out_dir / "result.json")
-    if done and done.get("key") == key and (out_dir / "model").is_dir():
+    elif store and not _finished(out_dir, key):  # finished by an earlier job whose driver ran elsewhere
+        store.get(f"teachers/{name}", out_dir)
+    if _finished(out_dir, key):
+        done = read_json(out_dir / "result.json")
         print(f"[teacher] {name}: already trained (key {key}), dev mean acc {done['dev_mean_acc']:.4f}; skipping")
         return done
 
@@ -236,7 +270,6 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
     domain_ids = ([data.domain_id(domain)] if kind == "single"
                   else [data.domain_id(d) for d in cfg.teacher_domains])
     train = data.splits["train"].for_domains(domain_ids)
-    dev = data.splits["dev"].for_domains(domain_ids)
     objective = teacher_objective(cfg, kind)
     weights = (np.array([scores[u] for u in train.uids], dtype=np.float32) if objective["use_weights"]
                else np.ones(len(train), dtype=np.float32))
@@ -247,45 +280,29 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
     # [2] MLflow: a child run of the pipeline, found again on resume.
     run = open_run(cfg, f"teacher/{name}/{key}", f"teacher-{name}", "teacher", parent,
                    {"metakd.teacher_kind": kind, "metakd.domain": domain or "all"})
-    settings = {k: v for k, v in cfg.to_dict().items() if k in ("seed", "data", "model", "prototypes", "teacher")}
+    settings = {k: v for k, v in cfg.to_dict().items()
+                if k in ("seed", "precision", "data", "model", "prototypes", "teacher")}
     run.log_params(flatten(dict(settings, effective=objective)))
 
     # [3] Launch the worker group.
     init_ray(cfg)
-    tcfg = cfg.teacher
-    loop_config = dict(loop_settings(cfg, data, kind), train=ray.put(train), dev=ray.put(dev),
-                       weights=ray.put(weights), run=run)
+    config = loop_config(cfg, data, kind, domain_ids, weights, run)
     print(f"[teacher] {name}: {len(train)} examples over {len(domain_ids)} domain(s), "
-          f"{tcfg.num_workers} worker(s), Ray run {run_name} in {storage}", flush=True)
+          f"{cfg.teacher.num_workers} worker(s){' with a GPU each' if cfg.teacher.use_gpu else ''}, "
+          f"Ray run {run_name} in {storage}", flush=True)
     resume = latest_checkpoint(storage, run_name)
     if resume:
         print(f"[teacher] {name}: continuing the unfinished run from {resume}", flush=True)
-        loop_config["resume_from"] = str(resume)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
-                                     resources_per_worker={"CPU": tcfg.cpus_per_worker},
-                                     placement_strategy=tcfg.placement_strategy),
-        run_config=RunConfig(
-            name=run_name, storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=tcfg.num_to_keep, checkpoint_score_attribute="val/mean_acc",
-                                               checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=tcfg.max_failures),
-        ),
-    )
+        config["resume_from"] = str(resume)
     try:
-        result = trainer.fit()
+        result = make_trainer(cfg, config, run_name, storage).fit()
     except Exception:
         run.finish("FAILED")
         raise
 
     # [4] The best checkpoint becomes the teacher: evaluate it on every domain, save it atomically.
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val/mean_acc"])
-    model = build_teacher(cfg.model.teacher, len(data.labels), len(data.domains), cfg.model.dropout)
-    with best_ckpt.as_directory() as d:
-        model.load_state_dict(load_file(Path(d) / "model.safetensors"))
+    model, best_metrics = load_best_teacher(cfg, data, result)
+    model.to(task_device())
     eval_ids = domain_ids if kind == "single" else list(range(len(data.domains)))
     dev_acc = accuracy_by_domain(model, data.splits["dev"].for_domains(eval_ids), data.domains)
     test_acc = accuracy_by_domain(model, data.splits["test"].for_domains(eval_ids), data.domains)
@@ -294,13 +311,16 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
         "dev_mean_acc": float(np.mean([dev_acc[data.domains[i]] for i in domain_ids])),
         "per_domain": {d: {"dev_acc": dev_acc[d], "test_acc": test_acc[d]} for d in dev_acc},
         "samples_per_s": result.metrics.get("train/samples_per_s"),
-        "params": count_parameters(model, include_heads=False),
-        "latency_ms": measure_latency(model, data.splits["test"].for_domains(eval_ids)),
+        "precision": resolve_precision(cfg.precision, torch.device("cuda" if cfg.teacher.use_gpu else "cpu")),
+        "params": count_parameters(model),
+        **measure_latency(model, data.splits["test"].for_domains(eval_ids)),
     }
     with atomic_dir(out_dir / "model") as tmp:
         save_model(model, tmp, {"kind": kind, "domains": data.domains, "labels": data.labels,
                                 "dropout": cfg.model.dropout}, tokenizer_from=model_path(cfg.model.teacher))
     atomic_write_json(out_dir / "result.json", summary)
+    if store:
+        store.put(out_dir, f"teachers/{name}")
     run.log_metrics({f"final/{d}/{s}": v for d, r in summary["per_domain"].items() for s, v in r.items()})
     run.log_artifacts(out_dir / "model", "model")
     run.finish()
@@ -308,45 +328,6 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
     return summary
 
 
-def latest_checkpoint(storage: str, run_name: str) -> Path | None:
-    """The furthest complete checkpoint a killed earlier run left in local storage, if any.
-
-    Ray restores a run of the same name from its own snapshot when that snapshot was written; this
-    also covers a driver killed before it was (remote storage relies on Ray's snapshot alone).
-    """
-    if "://" in storage:
-        return None
-    found = []
-    for directory in Path(storage, run_name).glob("checkpoint_*"):
-        if not directory.is_dir():  # Ray's checkpoint_manager_snapshot.json lives beside them
-            continue
-        info = read_json(directory / "state.json")
-        if info and all((directory / f).is_file() for f in ("model.safetensors", "training_state.pt")):
-            found.append((info["step"], directory))
-    return max(found)[1] if found else None
-
-
-def storage_path(cfg: Config) -> str:
-    if cfg.ray.storage_path:
-        return cfg.ray.storage_path
-    path = cfg.out / "ray"
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)
-
-
-def init_ray(cfg: Config) -> None:
-    """Connect to ``ray.address`` / ``$RAY_ADDRESS``, or start a local Ray on 127.0.0.1."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-    if address:  # a cluster (or a `ray job submit` driver): its runtime env is the job's
-        ray.init(address=address)
-        return
-    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
-    # The dashboard hosts the state API that Ray Train's cleanup polls; keep it on loopback.
-    ray.init(runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1")
+def _finished(out_dir: Path, key: str) -> bool:
+    done = read_json(out_dir / "result.json")
+    return bool(done and done.get("key") == key and (out_dir / "model").is_dir())

@@ -52,10 +52,6 @@ class RunRef:
     def log_artifact(self, local_file: Path, artifact_path: str | None = None) -> None:
         self.client().log_artifact(self.run_id, str(local_file), artifact_path)
 
-    def set_tags(self, tags: dict) -> None:
-        for k, v in tags.items():
-            self.client().set_tag(self.run_id, k, str(v))
-
     def finish(self, status: str = "FINISHED") -> None:
         self.client().set_terminated(self.run_id, status)
 

@@ -1,16 +1,23 @@
-"""Small PyTorch helpers shared by the teacher and student loops: batches, optimiser, evaluation."""
+"""Small PyTorch helpers shared by the teacher and student loops: batches, optimiser, evaluation.
+
+Batches are cut on the CPU and moved to the model's device (pinned, non-blocking on a GPU);
+evaluation returns CPU arrays whatever the device.
+"""
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 
 import numpy as np
 import torch
 
-from metakd_ray.data import Split
+from metakd_ray.cluster import autocast
+from metakd_ray.data.prepare import Split
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+LOG_EVERY = 5  # steps between training-loss points in MLflow
 
 
 def seed_everything(seed: int) -> None:
@@ -19,14 +26,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batch_at(tensors: dict, index) -> dict:
-    """Rows ``index`` of every tensor, trimmed to the longest real sequence in the batch."""
+def batch_at(tensors: dict, index, device: torch.device | None = None) -> dict:
+    """Rows ``index`` of every (CPU) tensor, trimmed to the longest real sequence in the batch and
+    moved to ``device``."""
     index = torch.as_tensor(index, dtype=torch.long)
     batch = {k: v[index] for k, v in tensors.items()}
     width = int(batch["attention_mask"].sum(1).max())
     for key in MODEL_INPUTS:
         batch[key] = batch[key][:, :width]
-    return batch
+    return to_device(batch, device) if device is not None else batch
+
+
+def to_device(tensors: dict, device: torch.device) -> dict:
+    """Every tensor of ``tensors`` on ``device``; from pinned memory without blocking on a GPU."""
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in tensors.items()}
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def forward(model, batch: dict, **kwargs):
+    """The model on one batch (``batch_at`` output)."""
+    return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["domain_ids"], **kwargs)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -54,43 +78,70 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def optimizer_step(model, optimizer, scheduler, loss: torch.Tensor, max_grad_norm: float) -> None:
+    """Backward, clip the global gradient norm, step the optimiser and the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+
+
+def eval_batch_size(device: torch.device) -> int:
+    return 256 if device.type == "cuda" else 64
+
+
 @torch.no_grad()
-def predict(model, split: Split, batch_size: int = 64) -> np.ndarray:
-    """Predicted class ids for every row of ``split`` (model in eval mode)."""
+def predict(model, split: Split, precision: str = "fp32") -> np.ndarray:
+    """Predicted class ids (a CPU array) for every row of ``split``, on the model's device."""
     was_training = model.training
     model.eval()
+    device = model_device(model)
+    batch_size = eval_batch_size(device)
     tensors = split.tensors()
     preds = []
     for start in range(0, len(split), batch_size):
-        b = batch_at(tensors, range(start, min(start + batch_size, len(split))))
-        out = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"])
-        preds.append(out.logits.argmax(-1))
+        b = batch_at(tensors, range(start, min(start + batch_size, len(split))), device)
+        with autocast(device, precision):
+            preds.append(forward(model, b).logits.argmax(-1).cpu())
     model.train(was_training)
     return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
 
 
-def accuracy_by_domain(model, split: Split, domains: list[str], batch_size: int = 64) -> dict[str, float]:
+def accuracy_by_domain(model, split: Split, domains: list[str], precision: str = "fp32") -> dict[str, float]:
     """{domain: accuracy} over the domains present in ``split``."""
-    correct = predict(model, split, batch_size) == split.labels
+    correct = predict(model, split, precision) == split.labels
     return {domains[d]: float(correct[split.domain_ids == d].mean())
             for d in sorted(set(split.domain_ids.tolist()))}
 
 
-@torch.no_grad()
-def measure_latency(model, split: Split, samples: int = 20) -> float:
-    """Median milliseconds to classify one example: batch size 1 on one thread, so teacher and
-    student latencies compare whatever process measured them."""
-    model.eval()
-    tensors = split.tensors()
+def measure_latency(model, split: Split, samples: int = 20) -> dict[str, float]:
+    """Median milliseconds to classify one example at batch size 1: ``latency_ms`` on one CPU thread
+    (the deployment figure, comparable whatever process measured it) and, for a model on a GPU,
+    ``gpu_latency_ms`` there too."""
+    device = model_device(model)
+    cpu_model = copy.deepcopy(model).cpu() if device.type != "cpu" else model
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    times = []
     try:
-        for i in range(min(samples, len(split))):
-            b = batch_at(tensors, [i])
-            t0 = time.perf_counter()
-            model(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"])
-            times.append((time.perf_counter() - t0) * 1000)
+        out = {"latency_ms": _median_ms(cpu_model, split, samples, torch.device("cpu"))}
     finally:
         torch.set_num_threads(threads)
+    if device.type == "cuda":
+        out["gpu_latency_ms"] = _median_ms(model, split, samples, device)
+    return out
+
+
+@torch.no_grad()
+def _median_ms(model, split: Split, samples: int, device: torch.device) -> float:
+    model.eval()
+    tensors = split.tensors()
+    times = []
+    for i in range(min(samples, len(split))):
+        b = batch_at(tensors, [i], device)
+        t0 = time.perf_counter()
+        forward(model, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1000)
     return float(np.median(times)) if times else 0.0

@@ -38,10 +38,14 @@ import yaml
 from ray.tune.search.optuna import OptunaSearch
 
 from metakd_ray.config import Config, dump_yaml, with_overrides
-from metakd_ray.distill import StudentJob, compute_teacher_targets, distill_student, targets_path, targets_task
+from metakd_ray.distill import (StudentJob, compute_teacher_outputs, distill_student, fetch_teacher,
+                                teacher_outputs_task)
 from metakd_ray.errors import MetaKDError
 from metakd_ray.io import atomic_write_text
-from metakd_ray.models import build_teacher, load_model, save_model
+from metakd_ray.methods import META_KD
+from metakd_ray.models import load_model, save_model
+from metakd_ray.outputs import Store, teacher_outputs_path
+from metakd_ray.plots import save_figure
 from metakd_ray.tracking import RunRef, open_run
 
 TARGETS = ("teacher", "distill", "joint")
@@ -177,9 +181,9 @@ def _trial_run(base: Config, sweep_run: RunRef, params: dict) -> RunRef:
     return run
 
 
-def distill_trial(params: dict, base: Config, data, teacher_dir: str, targets: dict, run_ref: RunRef,
-                  sweep_dir: str) -> None:
-    """Train the meta_kd student of each domain in turn; report the running mean dev accuracy."""
+def distill_trial(params: dict, base: Config, data, teacher_key: str, outputs: dict, scores: dict,
+                  run_ref: RunRef, sweep_dir: str) -> None:
+    """Train the Meta-KD student of each domain in turn; report the running mean dev accuracy."""
     import torch
     from ray import tune
 
@@ -189,15 +193,25 @@ def distill_trial(params: dict, base: Config, data, teacher_dir: str, targets: d
     cfg = with_overrides(base, params)
     torch.set_num_threads(cfg.distill.cpus_per_task)
     run = _trial_run(base, run_ref, params)
-    _distill_domains(cfg, data, Path(teacher_dir), targets, run, log.report)
+    # On a node that does not see the driver's files, the outputs come from storage (or are rebuilt).
+    outputs = {d: teacher_outputs_task(cfg, data, "meta", teacher_key, d, scores, path) for d, path in outputs.items()}
+    _distill_domains(cfg, data, fetch_teacher(cfg, "meta", teacher_key), outputs, run, log.report)
     log.finish()
     run.finish()
 
 
-def _distill_domains(cfg, data, teacher_dir: Path, targets: dict, run: RunRef, report) -> None:
+def _distill_domains(cfg, data, teacher_dir: Path, outputs: dict, run: RunRef, report) -> None:
+    """``outputs``: {domain: path of the teacher outputs}, readable where this trial runs."""
+    from safetensors.torch import load_file
+
+    from metakd_ray.cluster import prepare_device, task_device
+
+    device = task_device()
+    prepare_device(device)
     accs, latency = [], []
     for i, domain in enumerate(cfg.data.domains, start=1):
-        r = distill_student(cfg, data, StudentJob("meta_kd", domain), teacher_dir, Path(targets[domain]))["result"]
+        r = distill_student(cfg, data, StudentJob(META_KD.name, domain), teacher_dir, load_file(outputs[domain]),
+                            device=device)["result"]
         accs.append(r["dev_acc"])
         latency.append(r["latency_ms"])
         metrics = {"mean_dev_acc": float(np.mean(accs)), f"dev_acc/{domain}": r["dev_acc"], "domains_done": i,
@@ -207,7 +221,7 @@ def _distill_domains(cfg, data, teacher_dir: Path, targets: dict, run: RunRef, r
 
 
 def teacher_trial(params: dict, base: Config, data, embeddings, run_ref: RunRef, storage: str) -> None:
-    """Train Vs pattern: this trial function fits a TorchTrainer; rank 0's reports reach Tune."""
+    """Ray Train V2's pattern: this trial function fits a TorchTrainer; rank 0's reports reach Tune."""
     _fit_teacher_for_trial(params, base, data, embeddings, run_ref, storage, report_to_tune=True)
 
 
@@ -221,61 +235,43 @@ def joint_trial(params: dict, base: Config, data, embeddings, run_ref: RunRef, s
     log = TrialLog(str(Path(storage).parent), tune.get_context().get_trial_id())
     if log.replay(tune.report):
         return
-    cfg, run, teacher_dir, scores = _fit_teacher_for_trial(params, base, data, embeddings, run_ref, storage,
-                                                           report_to_tune=False)
+    cfg, run, model, scores = _fit_teacher_for_trial(params, base, data, embeddings, run_ref, storage,
+                                                     report_to_tune=False)
     torch.set_num_threads(cfg.distill.cpus_per_task)
-    teacher, _ = load_model(teacher_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        targets = {d: str(compute_teacher_targets(cfg, data, teacher, d, scores, cfg.distill.cache_teacher_targets,
+        teacher_dir = Path(tmp) / "teacher"
+        save_model(model, teacher_dir, {"kind": "meta", "dropout": cfg.model.dropout})
+        teacher, _ = load_model(teacher_dir)
+        outputs = {d: str(compute_teacher_outputs(cfg, data, teacher, d, scores, cfg.distill.cache_teacher_targets,
                                                   Path(tmp) / f"{d}.safetensors")) for d in cfg.data.domains}
-        _distill_domains(cfg, data, teacher_dir, targets, run, log.report)
+        _distill_domains(cfg, data, teacher_dir, outputs, run, log.report)
     log.finish()
     run.finish()
 
 
 def _fit_teacher_for_trial(params, base, data, embeddings, run_ref, storage, report_to_tune: bool):
-    import ray
     from ray import tune
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-    from safetensors.torch import load_file
 
     from metakd_ray.prototypes import scores_for
-    from metakd_ray.teacher import loop_settings, train_loop_per_worker
+    from metakd_ray.teacher import load_best_teacher, loop_config, make_trainer, teacher_objective
 
     cfg = with_overrides(base, params)
     run = _trial_run(base, run_ref, params)
     t = scores_for(cfg, data, embeddings).numpy().astype(np.float32)
     scores = dict(zip(data.splits["train"].uids, t.tolist()))
     ids = [data.domain_id(d) for d in cfg.teacher_domains]
-    train = data.splits["train"].for_domains(ids)
-    settings = loop_settings(cfg, data, "meta")
-    weights = t[np.isin(data.splits["train"].domain_ids, ids)] if settings["use_weights"] else np.ones(len(train), np.float32)
-    trial_id = tune.get_context().get_trial_id()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=dict(settings, train=ray.put(train), dev=ray.put(data.splits["dev"].for_domains(ids)),
-                               weights=ray.put(weights), run=run),
-        torch_config=TorchConfig(backend="nccl" if cfg.teacher.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.teacher.num_workers, use_gpu=cfg.teacher.use_gpu,
-                                     resources_per_worker={"CPU": cfg.teacher.cpus_per_worker},
-                                     placement_strategy=cfg.teacher.placement_strategy),
-        run_config=RunConfig(name=f"sweep-teacher-{trial_id}", storage_path=storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val/mean_acc"),
-                             callbacks=[TuneReportCallback()] if report_to_tune else None),
-    )
+    rows = np.isin(data.splits["train"].domain_ids, ids)
+    weights = t[rows] if teacher_objective(cfg, "meta")["use_weights"] else np.ones(int(rows.sum()), np.float32)
+    trainer = make_trainer(cfg, loop_config(cfg, data, "meta", ids, weights, run),
+                           f"sweep-teacher-{tune.get_context().get_trial_id()}", storage,
+                           callbacks=[TuneReportCallback()] if report_to_tune else None, num_to_keep=1)
     result = trainer.fit()
     if report_to_tune:
         run.finish()
         return None
-    best, _ = max(result.best_checkpoints, key=lambda cm: cm[1]["val/mean_acc"])
-    model = build_teacher(cfg.model.teacher, len(data.labels), len(data.domains), cfg.model.dropout)
-    with best.as_directory() as d:
-        model.load_state_dict(load_file(Path(d) / "model.safetensors"))
-    teacher_dir = Path(storage) / f"sweep-teacher-{trial_id}" / "best_model"
-    save_model(model, teacher_dir, {"kind": "meta", "dropout": cfg.model.dropout})
-    return cfg, run, teacher_dir, scores
+    model, _ = load_best_teacher(cfg, data, result)
+    return cfg, run, model, scores
 
 
 # --------------------------------------------------------------------------- the sweep driver
@@ -285,10 +281,11 @@ def sweep(cfg: Config, space_path: str, trials: int, concurrency: int, resume: b
           objective: str = "accuracy", asha: bool = True) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from metakd_ray.data import prepare
+
+    from metakd_ray.cluster import init_ray
+    from metakd_ray.data.prepare import prepare
     from metakd_ray.pipeline import train_teachers
     from metakd_ray.prototypes import compute_prototype_scores, embed
-    from metakd_ray.teacher import init_ray
 
     space = load_space(space_path, cfg)
     multi = objective == "accuracy,latency"
@@ -300,11 +297,14 @@ def sweep(cfg: Config, space_path: str, trials: int, concurrency: int, resume: b
         raise MetaKDError("--trials and --concurrency must be at least 1")
     name = name or f"{space.path.stem}-{cfg.hash()[:6]}"
     sweep_dir = cfg.out / "sweeps" / name
-    tune_dir = sweep_dir / "tune"
+    # Tune's and the trial teachers' storage: ray.storage_path when set, so trials on any node reach it.
+    store = Store.of(cfg)
+    remote_root = f"{store.uri}/sweeps/{name}" if store else str(sweep_dir)
+    tune_dir = f"{remote_root}/tune"
     if sweep_dir.exists() and not resume:
         raise MetaKDError(f"sweep {sweep_dir} already exists: pass --resume to continue it or --name for a new one")
-    if resume and not tune.Tuner.can_restore(str(tune_dir / "tuner")):
-        raise MetaKDError(f"--resume: no restorable sweep in {tune_dir / 'tuner'}")
+    if resume and not tune.Tuner.can_restore(f"{tune_dir}/tuner"):
+        raise MetaKDError(f"--resume: no restorable sweep in {tune_dir}/tuner")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(space.path, sweep_dir / "space.yaml")
 
@@ -315,24 +315,23 @@ def sweep(cfg: Config, space_path: str, trials: int, concurrency: int, resume: b
     init_ray(cfg)
     if space.target == "distill":
         scores = compute_prototype_scores(cfg, data, quiet=True)
-        teachers = train_teachers(cfg, data, scores, [("meta", "")], None)
-        targets = _shared_targets(cfg, data, teachers["meta"]["key"], scores)
-        trainable = tune.with_parameters(distill_trial, base=cfg, data=data,
-                                         teacher_dir=str(cfg.out / "teachers" / "meta" / "model"),
-                                         targets=targets, run_ref=parent, sweep_dir=str(sweep_dir))
+        teacher_key = train_teachers(cfg, data, scores, [("meta", "")], None)["meta"]["key"]
+        outputs = _shared_teacher_outputs(cfg, data, teacher_key, scores)
+        trainable = tune.with_parameters(distill_trial, base=cfg, data=data, teacher_key=teacher_key,
+                                         outputs=outputs, scores=scores, run_ref=parent, sweep_dir=str(sweep_dir))
         trainable = tune.with_resources(trainable, {"CPU": cfg.distill.cpus_per_task, "GPU": cfg.distill.gpus_per_task})
     else:
         embeddings = embed(cfg, data.splits["train"], quiet=True)
         fn = teacher_trial if space.target == "teacher" else joint_trial
         trainable = tune.with_parameters(fn, base=cfg, data=data, embeddings=embeddings, run_ref=parent,
-                                         storage=str(sweep_dir / "teachers"))
+                                         storage=f"{remote_root}/teachers")
         trainable = tune.with_resources(trainable, {"CPU": 0.01})  # the workers hold the real resources
 
     # [2] Searcher (persisted Optuna study) and scheduler.
     storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")
     metrics, modes = ([metric, "latency_ms"], ["max", "min"]) if multi else (metric, "max")
-    searcher = PersistentOptunaSearch(space=space.optuna(), metric=metrics, mode=modes, study_name=name, storage=storage,
-                            seed=cfg.seed,
+    searcher = PersistentOptunaSearch(space=space.optuna(), metric=metrics, mode=modes, study_name=name,
+                                      storage=storage, seed=cfg.seed,
                             sampler=optuna.samplers.NSGAIISampler(seed=cfg.seed) if multi else None)
     scheduler = None
     if asha and not multi:
@@ -343,14 +342,14 @@ def sweep(cfg: Config, space_path: str, trials: int, concurrency: int, resume: b
 
     # [3] Run (or restore) the Tuner.
     if resume:
-        tuner = tune.Tuner.restore(str(tune_dir / "tuner"), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(f"{tune_dir}/tuner", trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
                                         max_concurrent_trials=concurrency,
                                         **({} if multi else {"metric": metric, "mode": "max"})),
-            run_config=tune.RunConfig(name="tuner", storage_path=str(tune_dir), verbose=1),
+            run_config=tune.RunConfig(name="tuner", storage_path=tune_dir, verbose=1),
         )
     grid = tuner.fit()
 
@@ -358,14 +357,14 @@ def sweep(cfg: Config, space_path: str, trials: int, concurrency: int, resume: b
     return _summarize(cfg, space, name, sweep_dir, grid, metric, multi, parent)
 
 
-def _shared_targets(cfg: Config, data, teacher_key: str, scores: dict) -> dict:
+def _shared_teacher_outputs(cfg: Config, data, teacher_key: str, scores: dict) -> dict:
     """Teacher outputs per domain, computed once for every trial (Ray tasks, like `distill`)."""
     import ray
 
-    remote = ray.remote(targets_task).options(num_cpus=cfg.distill.cpus_per_task)
-    teacher_dir = str(cfg.out / "teachers" / "meta" / "model")
-    refs = {d: remote.remote(cfg, data, teacher_dir, d, scores, str(targets_path(cfg, teacher_key, "meta", d)))
-            for d in cfg.data.domains}
+    remote = ray.remote(teacher_outputs_task).options(num_cpus=cfg.distill.cpus_per_task,
+                                                      num_gpus=cfg.distill.gpus_per_task)
+    refs = {d: remote.remote(cfg, data, "meta", teacher_key, d, scores,
+                             str(teacher_outputs_path(cfg, teacher_key, "meta", d))) for d in cfg.data.domains}
     return {d: ray.get(r) for d, r in refs.items()}
 
 
@@ -407,6 +406,9 @@ def _summarize(cfg, space, name, sweep_dir: Path, grid, metric: str, multi: bool
     for p in plots:
         parent.log_artifact(p, "plots")
     _tag_best(cfg, parent, best["trial_id"])
+    store = Store.of(cfg)
+    if store:  # beside Tune's own files, which are there already
+        store.put(sweep_dir, f"sweeps/{name}/summary")
     parent.finish()
     trial_epochs = sum(r[time_attr] or 0 for r in rows)
     return {"name": name, "dir": str(sweep_dir), "best": best, "trials": rows, "trial_epochs": trial_epochs,
@@ -422,28 +424,22 @@ def _tag_best(cfg: Config, parent: RunRef, trial_id: str) -> None:
 
 
 def _plots(study, directory: Path, multi: bool) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
     directory.mkdir(parents=True, exist_ok=True)
     made = []
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    jobs = [("history.png", lambda: ovm.plot_optimization_history(study, target=(lambda t: t.values[0]) if multi else None))]
+    first_value = (lambda trial: trial.values[0]) if multi else None
+    jobs = [("history.png", lambda: ovm.plot_optimization_history(study, target=first_value))]
     if len(complete) >= 2 and len({json.dumps(t.params, sort_keys=True, default=str) for t in complete}) >= 2:
-        jobs.append(("importance.png", lambda: ovm.plot_param_importances(
-            study, target=(lambda t: t.values[0]) if multi else None)))
+        jobs.append(("importance.png", lambda: ovm.plot_param_importances(study, target=first_value)))
     if multi:
         jobs.append(("pareto.png", lambda: ovm.plot_pareto_front(study)))
     for filename, make in jobs:
         try:
             ax = make()
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            fig.tight_layout()
-            fig.savefig(directory / filename, dpi=100)
-            plt.close(fig)
+            save_figure(fig, directory / filename)
             made.append(directory / filename)
         except (ValueError, RuntimeError) as exc:  # e.g. importance with a constant objective
             print(f"[sweep] skipped {filename}: {exc}")

@@ -4,9 +4,10 @@
 import json
 import os
 import re
-import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -15,6 +16,9 @@ import pytest
 import yaml
 
 from conftest import REPO, kill_session, registered_checkpoint
+
+sys.path.insert(0, str(REPO / "bench"))
+from mlflow_ui import free_port, mlflow_server  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -44,6 +48,13 @@ def test_kuberay_rayjob_matches_the_pins():
     images = [c["image"] for g in [job["spec"]["rayClusterSpec"]["headGroupSpec"]]
               + job["spec"]["rayClusterSpec"]["workerGroupSpecs"] for c in g["template"]["spec"]["containers"]]
     assert all(i.startswith(f"rayproject/ray:{ray.__version__}-py311") for i in images)
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]
+    # the submitter reaches the dashboard through the head service, so it must not be loopback-only
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    # `prepare` runs in the driver on the head: the data must be mounted there too
+    mounts = {m["mountPath"] for c in head["template"]["spec"]["containers"] for m in c.get("volumeMounts", [])}
+    assert "/data" in mounts and "METAKD_DATA_ROOT: /data" in job["spec"]["runtimeEnvYAML"]
+    assert "ray.storage_path=s3://" in job["spec"]["entrypoint"]
 
 
 def test_job_upload_sends_code_only(tmp_path):
@@ -75,12 +86,6 @@ def test_job_upload_sends_code_only(tmp_path):
 # --------------------------------------------------------------------------- real local cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _raylet_pids() -> set[int]:
     out = subprocess.run(["pgrep", "-f", "ray/core/src/ray/raylet/raylet"], capture_output=True, text=True).stdout
     return {int(p) for p in out.split()}
@@ -90,7 +95,7 @@ class LocalCluster:
     """`ray start` head + extra nodes on 127.0.0.1, always stopped by the fixture."""
 
     def __init__(self, tmp: Path):
-        self.port, self.dashboard = _free_port(), _free_port()
+        self.port, self.dashboard = free_port(), free_port()
         self.env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{VENV_BIN}:{os.environ['PATH']}",
                         HF_HUB_OFFLINE="1", RAY_ADDRESS="")
         self.env.pop("RAY_ADDRESS")
@@ -101,13 +106,19 @@ class LocalCluster:
         return subprocess.run([str(VENV_BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
                               check=check, timeout=timeout)
 
-    def start(self, *args):
+    def start(self, *args, hide: Path | None = None):
         """`ray start` in a session of its own: its daemons and workers inherit it, so `stop` can
-        end exactly this cluster and no other Ray on the machine."""
+        end exactly this cluster and no other Ray on the machine. With ``hide``, the node starts in a
+        mount namespace of its own with an empty tmpfs over that directory: it sees none of the
+        files the driver writes there, as a separate machine would not."""
         log = self.temp / f"ray-start-{len(self.sessions)}.log"
+        cmd = [str(VENV_BIN / "ray"), "start", *args]
+        if hide is not None:
+            hide.mkdir(parents=True, exist_ok=True)
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   f'mount -t tmpfs tmpfs "{hide}" && exec "$0" "$@"', *cmd]
         with open(log, "w") as fh:  # a file, not a pipe: the daemons outlive `ray start`
-            proc = subprocess.Popen([str(VENV_BIN / "ray"), "start", *args], env=self.env, stdout=fh,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
             self.sessions.append(proc.pid)
             proc.wait(timeout=120)
         assert proc.returncode == 0, log.read_text()[-3000:]
@@ -116,19 +127,19 @@ class LocalCluster:
         # Every fixed default port is taken from the free ones: another Ray on the machine must not clash.
         self.start("--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                  "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard), "--num-cpus", str(cpus),
-                 "--ray-client-server-port", str(_free_port()), *self._agent_ports(),
+                 "--ray-client-server-port", str(free_port()), *self._agent_ports(),
                  "--disable-usage-stats", "--include-dashboard", "true")
 
-    def add_node(self, cpus: int, name: str) -> set[int]:
+    def add_node(self, cpus: int, name: str, hide: Path | None = None) -> set[int]:
         before = _raylet_pids()
         self.start("--address", f"127.0.0.1:{self.port}", "--node-ip-address", "127.0.0.1",
-                 "--num-cpus", str(cpus), "--resources", json.dumps({name: 1}), *self._agent_ports(),
-                 "--disable-usage-stats")
+                   "--num-cpus", str(cpus), "--resources", json.dumps({name: 1}), *self._agent_ports(),
+                   "--disable-usage-stats", hide=hide)
         return _raylet_pids() - before
 
     @staticmethod
     def _agent_ports() -> list[str]:
-        return ["--dashboard-agent-listen-port", str(_free_port()), "--metrics-export-port", str(_free_port())]
+        return ["--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port())]
 
     def submit(self, *entrypoint) -> str:
         """Submit a job (retrying while the job agent starts up) and return its id."""
@@ -225,3 +236,58 @@ def test_job_survives_losing_a_node_during_teacher_training(cluster, tiny_config
     client = MlflowClient(results["mlflow"]["tracking_uri"])
     steps = [m.step for m in sorted(client.get_metric_history(teacher_run, "val/mean_acc"), key=lambda m: m.timestamp)]
     assert steps[-1] == 8 * 12 and steps.count(4) == 1, steps
+
+
+@pytest.mark.cluster
+def test_students_run_on_a_node_that_shares_nothing_but_ray_and_storage(cluster, tiny_config, tmp_path):
+    """The head runs only the driver (0 CPUs); every worker, the teacher's DDP workers and every
+    student and teacher-pass task, runs on a node in its own mount namespace that cannot see the
+    output directory. Inputs (data, the pretrained model) are readable there, as they are on a real
+    cluster through the hub or a data volume; outputs travel only through ``ray.storage_path`` and
+    the object store, and MLflow through its server."""
+    from mlflow import MlflowClient
+
+    from metakd_ray.config import load_config
+
+    storage = tmp_path / "storage"
+    with mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "mlflow.log", tmp_path / "mlartifacts") as uri:
+        config = tiny_config(ray={"storage_path": str(storage)}, tracking={"tracking_uri": uri},
+                             distill={"cpus_per_task": 1})
+        cfg = load_config(str(config))
+        cluster.start_head(cpus=0)
+        cluster.add_node(cpus=2, name="island", hide=cfg.out)
+        # doctor sees what would break: storage the island cannot see, and GPUs the cluster lacks
+        status, logs = cluster.wait(cluster.submit("metakd-ray", "doctor", str(config), "teacher.use_gpu=true",
+                                                   f"ray.storage_path={cfg.out / 'node-local'}"))
+        assert "failed" in status.lower(), logs[-3000:]
+        assert re.search(r"FAIL\s+gpu .*needs 2 GPU", logs) and re.search(r"FAIL\s+shared .*node-local", logs), logs
+        status, logs = cluster.wait(cluster.submit("metakd-ray", "doctor", str(config)))
+        assert "succeeded" in status.lower() and re.search(r"PASS\s+shared .*2 nodes all see", logs), logs
+
+        status, logs = cluster.wait(cluster.submit("metakd-ray", "run", str(config), "--methods", "meta_kd,no_kd"))
+        assert "succeeded" in status.lower(), logs[-4000:]
+
+        stored = storage / cfg.out.name
+        results = json.loads((cfg.out / "results.json").read_text())
+        assert json.loads((stored / "results.json").read_text()) == results
+        assert results["storage"] == str(stored)
+        for method in ("meta_kd", "no_kd"):
+            for domain in ("books", "kitchen"):
+                assert (stored / "students" / method / domain / "_COMPLETE.json").is_file()
+                assert 0 <= results["students"][method][domain]["test_acc"] <= 1
+        assert (stored / "teachers" / "meta" / "_COMPLETE.json").is_file()
+        # The teacher passes ran on the island: their files reached storage, never the driver's disk.
+        assert len(list((stored / "teacher_outputs" / "meta").glob("*.safetensors"))) == 2
+        assert not (cfg.out / "teacher_outputs").exists()
+        assert "not on this node" not in logs
+
+        client = MlflowClient(uri)
+        runs = client.search_runs([results["mlflow"]["experiment_id"]],
+                                  f"tags.`mlflow.parentRunId` = '{results['mlflow']['parent_run_id']}'")
+        assert sorted(r.data.tags["metakd.stage"] for r in runs) == ["student"] * 4 + ["teacher"]
+        assert all(r.info.status == "FINISHED" and "val/acc" in r.data.metrics for r in runs
+                   if r.data.tags["metakd.stage"] == "student")
+    teacher_key = json.loads((cfg.out / "teachers" / "meta" / "result.json").read_text())["key"]
+    cache = Path(tempfile.gettempdir(), "metakd-ray", f"teacher-meta-{teacher_key}")
+    assert (cache / "model" / "metakd.json").is_file()  # the island fetched the teacher from storage
+    shutil.rmtree(cache)

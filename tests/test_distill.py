@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from metakd_ray.config import load_config
-from metakd_ray.data import prepare
-from metakd_ray.distill import StudentJob, compute_teacher_targets, distill_student
+from metakd_ray.data.prepare import prepare
+from metakd_ray.distill import StudentJob, compute_teacher_outputs, distill_student
 from metakd_ray.models import build_student, build_teacher, load_model, save_model
 from metakd_ray.prototypes import compute_prototype_scores
 from metakd_ray.training import batch_at
@@ -30,9 +30,9 @@ def prepared(tiny_config):
     return cfg, data, scores, teacher
 
 
-def test_cached_teacher_targets_match_a_live_teacher(prepared, tmp_path):
+def test_cached_teacher_outputs_match_a_live_teacher(prepared, tmp_path):
     cfg, data, scores, teacher = prepared
-    path = compute_teacher_targets(cfg, data, teacher, "books", scores, True, tmp_path / "t.safetensors")
+    path = compute_teacher_outputs(cfg, data, teacher, "books", scores, True, tmp_path / "t.safetensors")
     cached = load_file(path)
     split = data.splits["train"].for_domains([data.domain_id("books")])
     assert cached["logits"].shape == (len(split), 2)
@@ -90,10 +90,11 @@ def test_attention_scores_hook_matches_eager_attention(prepared):
 def test_distill_student_without_ray(prepared, tmp_path, method):
     cfg, data, scores, teacher = prepared
     save_model(teacher, tmp_path / "teacher", {"kind": "meta"})
-    targets = None
+    outputs = None
     if method != "no_kd":
-        targets = compute_teacher_targets(cfg, data, teacher, "kitchen", scores, True, tmp_path / "t.safetensors")
-    out = distill_student(cfg, data, StudentJob(method, "kitchen"), tmp_path / "teacher", targets)
+        outputs = load_file(compute_teacher_outputs(cfg, data, teacher, "kitchen", scores, True,
+                                                    tmp_path / "t.safetensors"))
+    out = distill_student(cfg, data, StudentJob(method, "kitchen"), tmp_path / "teacher", outputs)
     r = out["result"]
     assert 0.0 <= r["dev_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0
     assert r["steps"] == (12 if method == "meta_kd" else 6)  # 48 examples / batch 8, 1 epoch per stage
@@ -105,13 +106,13 @@ def test_uncached_path_gives_the_same_stage1_objective(prepared, tmp_path):
     """Training without the fp16 cache (teacher in the loop) optimises the same loss."""
     cfg, data, scores, teacher = prepared
     save_model(teacher, tmp_path / "teacher", {"kind": "meta"})
-    with_cache = compute_teacher_targets(cfg, data, teacher, "books", scores, True, tmp_path / "a.safetensors")
-    without = compute_teacher_targets(cfg, data, teacher, "books", scores, False, tmp_path / "b.safetensors")
+    with_cache = compute_teacher_outputs(cfg, data, teacher, "books", scores, True, tmp_path / "a.safetensors")
+    without = compute_teacher_outputs(cfg, data, teacher, "books", scores, False, tmp_path / "b.safetensors")
     assert "hidden.0" not in load_file(without)
     job = StudentJob("meta_kd", "books")
     cfg.distill.stage2_epochs = 0.0001  # stage 1 only matters here
-    a = distill_student(cfg, data, job, tmp_path / "teacher", with_cache)["model"]
-    b = distill_student(cfg, data, job, tmp_path / "teacher", without)["model"]
+    a = distill_student(cfg, data, job, tmp_path / "teacher", load_file(with_cache))["model"]
+    b = distill_student(cfg, data, job, tmp_path / "teacher", load_file(without))["model"]
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(pa, pb, atol=5e-3), name
 

@@ -64,7 +64,8 @@ def test_prepare_mnli_groups_by_premise(tmp_path, capsys, monkeypatch):
     import pyarrow.parquet as pq
 
     cache = next((tmp_path / "cache").glob("data-*"))
-    premises = {s: set(pq.read_table(cache / f"{s}.parquet").column("text").to_pylist()) for s in ("train", "dev", "test")}
+    premises = {s: set(pq.read_table(cache / f"{s}.parquet").column("text").to_pylist())
+                for s in ("train", "dev", "test")}
     assert not premises["train"] & premises["test"] and not premises["train"] & premises["dev"]
     counts = json.loads((tmp_path / "splits.json").read_text())["counts"]
     assert set(counts) == {"fiction", "travel"}

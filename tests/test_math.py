@@ -145,10 +145,21 @@ def test_intermediate_loss_hand_computed():
     assert loss.item() == pytest.approx(3.5)
 
 
-def test_weighted_ce():
-    logits = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
-    loss = losses.weighted_ce(logits, torch.tensor([0, 1]), torch.tensor([1.0, 3.0]))
-    assert loss.item() == pytest.approx(2 * math.log(2))
+def test_teacher_loss_hand_computed():
+    logits = torch.tensor([[0.0, 0.0], [0.0, 0.0]])  # CE = log 2 for both instances
+    t = torch.tensor([1.0, 3.0])
+    domain_logits = torch.tensor([[0.0, 0.0], [0.0, 0.0]])  # uniform: KL(U || p) = 0, domain CE = log 2
+    labels, domains = torch.tensor([0, 1]), torch.tensor([0, 1])
+    # mean(t·CE) = 2·log 2 ; the uniform term is 0
+    loss, ce, dom = losses.teacher_loss(logits, labels, t, domain_logits, domains, "uniform", gamma1=0.5)
+    assert loss.item() == pytest.approx(2 * math.log(2)) and dom.abs().max() < 1e-6
+    # grl: + γ1·mean(CE_dom) = 2·log 2 + 0.5·log 2
+    loss, _, _ = losses.teacher_loss(logits, labels, t, domain_logits, domains, "grl", gamma1=0.5)
+    assert loss.item() == pytest.approx(2.5 * math.log(2))
+    # the authors' weighting: mean(t·(CE + γ1·CE_dom)) = mean(t)·1.5·log 2 = 3·log 2
+    loss, _, _ = losses.teacher_loss(logits, labels, t, domain_logits, domains, "grl", gamma1=0.5,
+                                     weight_domain_loss=True)
+    assert loss.item() == pytest.approx(3 * math.log(2))
 
 
 def test_gradient_reversal_flips_the_encoder_gradient():

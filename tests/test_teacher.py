@@ -13,7 +13,7 @@ from conftest import kill_when, registered_checkpoint
 from mlflow import MlflowClient
 
 from metakd_ray.config import load_config
-from metakd_ray.data import prepare
+from metakd_ray.data.prepare import prepare
 from metakd_ray.pipeline import run_pipeline
 from metakd_ray.prototypes import compute_prototype_scores
 from metakd_ray.teacher import teacher_key, train_teacher

@@ -1,0 +1,104 @@
+"""Ray plumbing and devices: connecting to a cluster, where Ray Train keeps its runs, which device
+and precision a worker or task computes on.
+
+The device rule: a Ray Train worker trains on ``ray.train.torch.get_device()``; a Ray task (or the
+driver) uses the GPU Ray assigned to it (Ray sets ``CUDA_VISIBLE_DEVICES``), else the CPU. Weights
+stay fp32; ``precision`` picks the autocast dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from metakd_ray.config import Config
+from metakd_ray.io import read_json
+
+
+def init_ray(cfg: Config) -> None:
+    """Connect to ``ray.address`` / ``$RAY_ADDRESS``, or start a local Ray on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    if address:  # a cluster (or a `ray job submit` driver): its runtime env is the job's
+        ray.init(address=address)
+        return
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    # The dashboard hosts the state API that Ray Train's cleanup polls; keep it on loopback.
+    ray.init(runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1")
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri
+
+
+def storage_path(cfg: Config) -> str:
+    """Where Ray Train keeps checkpoints: ``ray.storage_path``, else ``<output_dir>/ray``."""
+    if cfg.ray.storage_path:
+        return cfg.ray.storage_path
+    path = cfg.out / "ray"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def latest_checkpoint(storage: str, run_name: str) -> Path | None:
+    """The furthest complete checkpoint a killed earlier run left in local storage, if any.
+
+    Ray restores a run of the same name from its own snapshot when that snapshot was written; this
+    also covers a driver killed before it was (remote storage relies on Ray's snapshot alone).
+    A checkpoint whose files are missing or whose state cannot be read is passed over.
+    """
+    if is_remote(storage):
+        return None
+    found = []
+    for directory in Path(storage, run_name).glob("checkpoint_*"):
+        if not directory.is_dir():  # Ray's checkpoint_manager_snapshot.json lives beside them
+            continue
+        info = read_json(directory / "state.json")
+        if info and all((directory / f).is_file() for f in ("model.safetensors", "training_state.pt")):
+            found.append((info["step"], directory))
+    return max(found)[1] if found else None
+
+
+# --------------------------------------------------------------------------- devices and precision
+
+
+def task_device() -> torch.device:
+    """The GPU Ray gave this task (it is the only visible one), else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def prepare_device(device: torch.device) -> None:
+    """TF32 matmuls on GPU: fp32 accuracy is not needed for fine-tuning and TF32 is ~3× faster."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` is bf16 on a GPU that supports it and fp32 everywhere else."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward-pass context of ``precision`` on ``device`` (a no-op for fp32)."""
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def device_report() -> dict:
+    """What this process sees: torch, CUDA and NCCL versions and the visible GPUs."""
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda or "none", "gpus": torch.cuda.device_count()}
+    if torch.cuda.is_available():
+        info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        info["gpu_names"] = sorted({torch.cuda.get_device_name(i) for i in range(info["gpus"])})
+    return info

@@ -1,0 +1,65 @@
+"""The distillation methods: one row each, read by config validation, the pipeline, the CLI, the
+report and the sweep. Adding a method is adding a row here (and, if it needs a new loss, a term in
+``distill.distill_student``).
+
+A student of method m for target domain k learns from the teacher of kind ``m.teacher_kind``:
+
+    stage 1:  L_1 = mean_i[λ_i (hidn_i + attn_i)] + γ2·mean(λ)·tkd
+              λ_i = expertise weight if m.use_lambda else 1;   γ2 = distill.domain_weight if
+              m.domain_term else 0
+    stage 2:  L_2 = mean_i soft_CE(z^S_i, z^T_i; τ)
+
+``no_kd`` has no teacher: the student is fine-tuned on the hard labels alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TEACHER_KINDS = ("meta", "mix", "single")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # as in results.json and the paper's table
+    teacher_kind: str  # "" = trained on labels, no teacher
+    use_lambda: bool  # weight instances by the teacher's domain expertise λ
+    domain_term: bool  # add γ2 · the transferable-knowledge (domain vector) loss to stage 1
+    summary: str
+
+    @property
+    def distils(self) -> bool:
+        return bool(self.teacher_kind)
+
+    @property
+    def teacher_row(self) -> str:
+        """The report row of the teacher this method distils from ("" for no_kd)."""
+        return f"teacher {self.teacher_kind}" if self.teacher_kind else ""
+
+
+METHODS = {m.name: m for m in (
+    Method("meta_kd", "meta", True, True, "Meta-KD: λ-weighted distillation from the meta-teacher"),
+    Method("no_kd", "", False, False, "the student trained on labels alone"),
+    Method("tinybert_kd(meta)", "meta", False, False, "TinyBERT-KD from the meta-teacher"),
+    Method("tinybert_kd(mix)", "mix", False, False, "TinyBERT-KD from a teacher trained on all domains mixed"),
+    Method("tinybert_kd(single)", "single", False, False, "TinyBERT-KD from the target domain's own teacher"),
+)}
+META_KD = METHODS["meta_kd"]
+
+
+def method(name: str) -> Method:
+    from metakd_ray.errors import MetaKDError
+
+    if name not in METHODS:
+        raise MetaKDError(f"unknown method {name!r} (expected some of: {', '.join(METHODS)})")
+    return METHODS[name]
+
+
+def methods_from(kind: str) -> list[str]:
+    """The methods that distil from a teacher of ``kind``."""
+    return [m.name for m in METHODS.values() if m.teacher_kind == kind]
+
+
+def teacher_name(kind: str, domain: str = "") -> str:
+    """Directory and run name of a teacher: its kind, or ``single-<domain>`` for per-domain teachers."""
+    return f"single-{domain}" if kind == "single" else kind

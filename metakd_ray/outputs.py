@@ -1,0 +1,144 @@
+"""Where every output lives: the output directory's layout, and its copy under ``ray.storage_path``.
+
+    <output_dir>/teachers/<name>/{model/, result.json}            name: meta, mix, single-<domain>
+    <output_dir>/teacher_outputs/<name>/<domain>-<key>.safetensors
+    <output_dir>/students/<method>/<domain>/{model/, result.json}
+    <output_dir>/results.json
+
+The driver writes ``output_dir`` on its own node. With ``ray.storage_path`` set (a directory every
+node mounts, or ``s3://``/``gs://`` through pyarrow.fs), the same files are also written to
+``<storage_path>/<output_dir name>/`` as soon as they are final: tasks on other nodes read the
+teachers and teacher outputs from there, and a job submitted to a cluster leaves its results where
+the user can fetch them. A directory in storage counts only once its ``_COMPLETE.json`` (written
+last, listing every file and its size) is there, and a download is checked against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+from metakd_ray.config import Config
+from metakd_ray.io import atomic_dir, content_key
+
+COMPLETE = "_COMPLETE.json"
+
+
+def teacher_dir(cfg: Config, name: str) -> Path:
+    return cfg.out / "teachers" / name
+
+
+def student_dir(cfg: Config, method: str, domain: str) -> Path:
+    return cfg.out / "students" / method / domain
+
+
+def teacher_outputs_path(cfg: Config, teacher_key: str, teacher_name: str, domain: str) -> Path:
+    """The cached teacher pass over one domain's student data (see ``distill.compute_teacher_outputs``)."""
+    key = content_key(teacher_key, domain, cfg.data.target_fraction, cfg.layer_map,
+                      cfg.distill.cache_teacher_targets)
+    return cfg.out / "teacher_outputs" / teacher_name / f"{domain}-{key}.safetensors"
+
+
+def node_cache(*parts: str) -> Path:
+    """A node-local directory for copies fetched from storage (outside any output directory)."""
+    path = Path(tempfile.gettempdir(), "metakd-ray", *parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class _Damaged(Exception):
+    pass
+
+
+class Store:
+    """The copy of one output directory under ``ray.storage_path``; paths are relative to it."""
+
+    def __init__(self, uri: str):
+        import pyarrow.fs as pafs
+
+        self.uri = uri.rstrip("/")
+        if "://" in uri:
+            self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
+
+    @classmethod
+    def of(cls, cfg: Config) -> "Store | None":
+        """The store of ``cfg``'s output directory, or None when ``ray.storage_path`` is unset."""
+        if not cfg.ray.storage_path:
+            return None
+        return cls(f"{cfg.ray.storage_path.rstrip('/')}/{cfg.out.name}")
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def put(self, local: Path, rel: str) -> None:
+        """Upload a file or a directory to ``rel``, replacing what was there."""
+        import pyarrow.fs as pafs
+
+        local = Path(local)
+        target = self._path(rel)
+        if local.is_file():
+            self._write(target, local.read_bytes())
+            return
+        self.fs.create_dir(target, recursive=True)
+        self._delete(f"{target}/{COMPLETE}")  # the old copy stops counting before it is overwritten
+        sizes = {}
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            name = path.relative_to(local).as_posix()
+            sizes[name] = path.stat().st_size
+        pafs.copy_files(str(local), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        self._write(f"{target}/{COMPLETE}", json.dumps(sizes).encode())
+
+    def get(self, rel: str, local: Path) -> bool:
+        """Download ``rel`` to ``local`` (replacing it). False when it is absent, incomplete or damaged."""
+        import pyarrow.fs as pafs
+
+        source = self._path(rel)
+        info = self.fs.get_file_info(source)
+        if info.type == pafs.FileType.File:
+            data = self._read(source)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(local)
+            return True
+        if info.type != pafs.FileType.Directory:
+            return False
+        try:
+            sizes = json.loads(self._read(f"{source}/{COMPLETE}"))
+        except (OSError, ValueError):
+            return False
+        try:
+            with atomic_dir(local) as tmp:
+                pafs.copy_files(source, str(tmp), source_filesystem=self.fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+                (tmp / COMPLETE).unlink(missing_ok=True)
+                got = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
+                if got != sizes:
+                    raise _Damaged
+        except _Damaged:  # atomic_dir has left ``local`` as it was
+            print(f"[storage] {self.uri}/{rel} is damaged (its files do not match {COMPLETE}); not used", flush=True)
+            return False
+        return True
+
+    def _read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as fh:
+            return fh.read()
+
+    def _write(self, path: str, data: bytes) -> None:
+        parent = path.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open_output_stream(tmp) as fh:
+            fh.write(data)
+        self.fs.move(tmp, path)  # a rename locally; one copy on object stores (where a PUT is atomic)
+
+    def _delete(self, path: str) -> None:
+        import pyarrow.fs as pafs
+
+        if self.fs.get_file_info(path).type == pafs.FileType.File:
+            self.fs.delete_file(path)
