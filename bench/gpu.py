@@ -1,7 +1,7 @@
 """GPU benchmark: the Ray Train teacher against a plain loop, and the paper-protocol pipeline end to end.
 
     python bench/gpu.py                  # on a CUDA host (offline once the dependencies are installed)
-    python bench/gpu.py --quick          # quickstart-sized, minutes; also runs on a CPU-only machine
+    python bench/gpu.py --quick          # a smoke run of every path in minutes; also on a CPU-only machine
 
 (a) samples/s of a plain PyTorch loop and of a 1-worker Ray Train teacher on the same device, same
     batch, same precision and the same ``train_step`` (the target is a ratio >= 0.9);
@@ -153,7 +153,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="quickstart sizes (minutes; runs on CPU too)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run at tiny sizes (minutes; runs on CPU too)")
     parser.add_argument("--model", default="minilm", help="model.teacher (a local directory on an offline host)")
     parser.add_argument("--steps", type=int, default=200, help="steps of each throughput loop")
     parser.add_argument("--gpus-per-student", type=float, default=0.2)
@@ -171,9 +171,13 @@ def main() -> None:
     common = [f"model.teacher={args.model}", "teacher.num_workers=1", "teacher.cpus_per_worker=1",
               "distill.cpus_per_task=1", *gpu]
     preset = "quickstart" if args.quick else "amazon"
+    # --quick: a smoke run of every code path (64 reviews a domain, one epoch a stage), not a measurement
+    quick = ["data.max_train_per_domain=64", "data.max_dev_per_domain=32", "data.max_test_per_domain=32",
+             "teacher.epochs=1", "teacher.eval_every=1000", "distill.stage1_epochs=1", "distill.stage2_epochs=1",
+             "distill.no_kd_epochs=1"] if args.quick else []
     bench_cfg = load_config(preset, [f"output_dir={WORK}/throughput", *common,
                                      f"teacher.batch_size={256 if cuda else 16}"])
-    run_cfg = load_config(preset, [f"output_dir={WORK}/{preset}", *common])
+    run_cfg = load_config(preset, [f"output_dir={WORK}/{preset}", *common, *quick])
     init_ray(run_cfg)
     result = {"budget": "quick" if args.quick else "paper protocol",
               "machine": {"gpu": torch.cuda.get_device_name(0) if cuda else "none (CPU)",

@@ -61,9 +61,26 @@ def latest_checkpoint(storage: str, run_name: str) -> Path | None:
         if not directory.is_dir():  # Ray's checkpoint_manager_snapshot.json lives beside them
             continue
         info = read_json(directory / "state.json")
-        if info and all((directory / f).is_file() for f in ("model.safetensors", "training_state.pt")):
+        if info and _readable_checkpoint(directory):
             found.append((info["step"], directory))
     return max(found)[1] if found else None
+
+
+def _readable_checkpoint(directory: Path) -> bool:
+    """Both files present and whole: the safetensors header matches the file, the state is a zip."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(directory / "model.safetensors", "pt") as fh:
+            fh.keys()
+        whole = zipfile.is_zipfile(directory / "training_state.pt")
+    except Exception:  # missing, truncated or not safetensors at all
+        whole = False
+    if not whole:
+        print(f"[teacher] checkpoint {directory} is incomplete or damaged; passing it over", flush=True)
+    return whole
 
 
 # --------------------------------------------------------------------------- devices and precision

@@ -85,7 +85,8 @@ class Store:
             self._write(target, local.read_bytes())
             return
         self.fs.create_dir(target, recursive=True)
-        self._delete(f"{target}/{COMPLETE}")  # the old copy stops counting before it is overwritten
+        self._delete(f"{target}/{COMPLETE}")  # the old copy stops counting before it is replaced
+        self.fs.delete_dir_contents(target, missing_dir_ok=True)
         sizes = {}
         for path in sorted(p for p in local.rglob("*") if p.is_file()):
             name = path.relative_to(local).as_posix()

@@ -365,7 +365,10 @@ def build_report(results: list[dict], out_dir: Path, log_to_mlflow: bool = True)
 
 
 def log_report(results: list[dict], out_dir: Path) -> None:
+    """Copy the report to each run's MLflow parent run and to each run's ``ray.storage_path`` copy."""
     from mlflow import MlflowClient
+
+    from metakd_ray.outputs import Store
 
     parents = {(r["mlflow"]["tracking_uri"], r["mlflow"]["parent_run_id"]) for r in results if r.get("mlflow")}
     for uri, run_id in sorted(parents):
@@ -373,6 +376,12 @@ def log_report(results: list[dict], out_dir: Path) -> None:
             MlflowClient(uri).log_artifacts(run_id, str(out_dir), "report")
         except Exception as exc:  # the report itself is written; a moved store only loses the copy
             print(f"[report] could not log to MLflow run {run_id} at {uri}: {type(exc).__name__}: {exc}")
+    for uri in sorted({r["storage"] for r in results if r.get("storage")}):
+        try:
+            Store(uri).put(out_dir, "report")
+            print(f"[report] copied to {uri}/report")
+        except Exception as exc:
+            print(f"[report] could not copy to {uri}: {type(exc).__name__}: {exc}")
 
 
 def markdown_table_preview(settings: list[Setting], summary: dict) -> str:

@@ -94,3 +94,37 @@ def test_damaged_teacher_outputs_are_rebuilt_and_a_node_without_them_fetches_the
     _truncate(stored)
     teacher_outputs_task(cfg, data, "meta", "k1", "books", scores, str(path))  # storage copy damaged too
     assert load_file(path)["logits"].allclose(good["logits"])  # recomputed from the teacher
+
+
+def test_a_damaged_checkpoint_is_passed_over_on_resume(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from metakd_ray.cluster import latest_checkpoint
+
+    for step in (4, 8):
+        directory = tmp_path / "run" / f"checkpoint_{step}"
+        directory.mkdir(parents=True)
+        save_file({"w": torch.zeros(100)}, directory / "model.safetensors")
+        torch.save({"step": step}, directory / "training_state.pt")
+        (directory / "state.json").write_text(json.dumps({"step": step, "best": {}}))
+    assert latest_checkpoint(str(tmp_path), "run").name == "checkpoint_8"
+    _truncate(tmp_path / "run" / "checkpoint_8" / "model.safetensors")
+    assert latest_checkpoint(str(tmp_path), "run").name == "checkpoint_4"
+    assert "damaged" in capsys.readouterr().out
+    _truncate(tmp_path / "run" / "checkpoint_4" / "training_state.pt")
+    assert latest_checkpoint(str(tmp_path), "run") is None
+
+
+def test_report_is_copied_to_each_runs_storage(tmp_path):
+    from test_report import fake_results
+
+    from metakd_ray.report import build_report
+
+    runs = [dict(fake_results("s", seed, {"meta_kd": [0.8, 0.9], "no_kd": [0.7, 0.8]}),
+                 storage=str(tmp_path / "storage" / "run"), config=load_config("quickstart").to_dict())
+            for seed in (0, 1)]
+    build_report(runs, tmp_path / "report", log_to_mlflow=True)
+    stored = tmp_path / "storage" / "run" / "report"
+    assert (stored / "report.md").read_text() == (tmp_path / "report" / "report.md").read_text()
+    assert (stored / COMPLETE).is_file()
