@@ -83,7 +83,8 @@ def run_pipeline(cfg: Config, methods: list[str], fresh: bool = False, teachers_
     parent.log_artifact(cfg.out / "results.json")
     print(format_table(results))
     print(f"results: {cfg.out / 'results.json'}   MLflow: {results['mlflow']['tracking_uri']} "
-          f"(parent run {parent.run_id})\ntables over seeds and plots: metakd-ray report {cfg.out}")
+          f"(parent run {parent.run_id})\ntables over seeds and plots: metakd-ray report {cfg.out}"
+          + (f"\na copy of teachers, students and results.json: {store.uri}" if store else ""))
     if failures:
         raise MetaKDError(f"{len(failures)} student(s) failed after retries: "
                           + "; ".join(f"{k}: {v}" for k, v in failures.items()))
