@@ -39,7 +39,7 @@ from metakd_ray.errors import MetaKDError
 from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json
 from metakd_ray.methods import Method, method, teacher_name
 from metakd_ray.models import MetaKDModel, build_student, count_parameters, load_model, save_model
-from metakd_ray.outputs import Store, node_cache, student_dir, teacher_dir, teacher_outputs_path
+from metakd_ray.outputs import Store, node_cache, student_dir, teacher_dir, teacher_finished, teacher_outputs_path
 from metakd_ray.scores import expertise_weight
 from metakd_ray.tracking import RunRef, open_run
 from metakd_ray.training import (LOG_EVERY, accuracy_by_domain, batch_at, epoch_order, eval_batch_size, forward,
@@ -285,8 +285,7 @@ def fetch_teacher(cfg: Config, name: str, key: str) -> Path:
     """The trained teacher's model directory on this node: the driver's copy when this node sees it,
     else a copy fetched from ``ray.storage_path`` into a node-local cache."""
     local = teacher_dir(cfg, name)
-    done = read_json(local / "result.json")
-    if done and done.get("key") == key and (local / "model").is_dir():
+    if teacher_finished(local, key):
         return local / "model"
     store = Store.of(cfg)
     cache = node_cache(f"teacher-{name}-{key}")

@@ -22,13 +22,19 @@ import uuid
 from pathlib import Path
 
 from metakd_ray.config import Config
-from metakd_ray.io import atomic_dir, content_key
+from metakd_ray.io import atomic_dir, content_key, read_json
 
 COMPLETE = "_COMPLETE.json"
 
 
 def teacher_dir(cfg: Config, name: str) -> Path:
     return cfg.out / "teachers" / name
+
+
+def teacher_finished(directory: Path, key: str) -> bool:
+    """A teacher directory holds the finished teacher of ``key``: its result names the key and its model is there."""
+    done = read_json(directory / "result.json")
+    return bool(done and done.get("key") == key and (directory / "model").is_dir())
 
 
 def student_dir(cfg: Config, method: str, domain: str) -> Path:

@@ -36,7 +36,7 @@ from metakd_ray.errors import MetaKDError
 from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json
 from metakd_ray.methods import teacher_name
 from metakd_ray.models import MetaKDModel, build_teacher, count_parameters, save_model
-from metakd_ray.outputs import Store, teacher_dir
+from metakd_ray.outputs import Store, teacher_dir, teacher_finished
 from metakd_ray.tracking import RunRef, flatten, open_run
 from metakd_ray.training import (LOG_EVERY, accuracy_by_domain, batch_at, epoch_order, forward, make_optimizer,
                                  measure_latency, optimizer_step, seed_everything)
@@ -259,9 +259,9 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
         shutil.rmtree(out_dir, ignore_errors=True)
         if not is_remote(storage):
             shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
-    elif store and not _finished(out_dir, key):  # finished by an earlier job whose driver ran elsewhere
+    elif store and not teacher_finished(out_dir, key):  # finished by an earlier job whose driver ran elsewhere
         store.get(f"teachers/{name}", out_dir)
-    if _finished(out_dir, key):
+    if teacher_finished(out_dir, key):
         done = read_json(out_dir / "result.json")
         print(f"[teacher] {name}: already trained (key {key}), dev mean acc {done['dev_mean_acc']:.4f}; skipping")
         return done
@@ -327,7 +327,3 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
     print(f"[teacher] {name}: best step {summary['best_step']}, dev mean acc {summary['dev_mean_acc']:.4f}")
     return summary
 
-
-def _finished(out_dir: Path, key: str) -> bool:
-    done = read_json(out_dir / "result.json")
-    return bool(done and done.get("key") == key and (out_dir / "model").is_dir())
