@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from metakd_ray.config import Config
-from metakd_ray.io import read_json
+from metakd_ray.io import read_json, safetensors_whole
 
 
 def init_ray(cfg: Config) -> None:
@@ -70,14 +70,7 @@ def _readable_checkpoint(directory: Path) -> bool:
     """Both files present and whole: the safetensors header matches the file, the state is a zip."""
     import zipfile
 
-    from safetensors import safe_open
-
-    try:
-        with safe_open(directory / "model.safetensors", "pt") as fh:
-            fh.keys()
-        whole = zipfile.is_zipfile(directory / "training_state.pt")
-    except Exception:  # missing, truncated or not safetensors at all
-        whole = False
+    whole = safetensors_whole(directory / "model.safetensors") and zipfile.is_zipfile(directory / "training_state.pt")
     if not whole:
         print(f"[teacher] checkpoint {directory} is incomplete or damaged; passing it over", flush=True)
     return whole

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metakd_ray import losses
@@ -36,7 +35,7 @@ from metakd_ray.cluster import autocast, init_ray, prepare_device, resolve_preci
 from metakd_ray.config import Config, model_path
 from metakd_ray.data.prepare import PreparedData, Split, subsample_fraction
 from metakd_ray.errors import MetaKDError
-from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json
+from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json, safetensors_whole
 from metakd_ray.methods import Method, method, teacher_name
 from metakd_ray.models import MetaKDModel, build_student, count_parameters, load_model, save_model
 from metakd_ray.outputs import Store, node_cache, student_dir, teacher_dir, teacher_finished, teacher_outputs_path
@@ -113,16 +112,14 @@ def compute_teacher_outputs(cfg: Config, data: PreparedData, teacher: MetaKDMode
     return path
 
 
-def load_teacher_outputs(path: Path) -> dict | None:
-    """The saved teacher outputs, or None when the file is missing or damaged (then it is rebuilt)."""
-    if not path.is_file():
-        return None
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as exc:
-        print(f"[distill] {path} is damaged ({str(exc).splitlines()[0][:120]}); rebuilding it", flush=True)
-        path.unlink(missing_ok=True)
-        return None
+def _teacher_outputs_ready(path: Path) -> bool:
+    """The saved teacher outputs are there and whole; a damaged file is reported and removed."""
+    if safetensors_whole(path):
+        return True
+    if path.is_file():
+        print(f"[distill] {path} is damaged (truncated or not safetensors); rebuilding it", flush=True)
+        path.unlink()
+    return False
 
 
 # --------------------------------------------------------------------------- one student
@@ -303,9 +300,9 @@ def teacher_outputs_task(cfg: Config, data: PreparedData, name: str, key: str, d
     torch.set_num_threads(cfg.distill.cpus_per_task)
     store, target = Store.of(cfg), Path(path)
     rel = target.relative_to(cfg.out).as_posix()
-    if load_teacher_outputs(target) is not None:
+    if _teacher_outputs_ready(target):
         return path
-    if store and store.get(rel, target) and load_teacher_outputs(target) is not None:
+    if store and store.get(rel, target) and _teacher_outputs_ready(target):
         return path
     device = task_device()
     prepare_device(device)
@@ -326,10 +323,9 @@ def _student_task(cfg: Config, data: PreparedData, job: StudentJob, teacher_key:
     teacher_path, outputs = None, None
     if job.spec.distils:
         teacher_path = fetch_teacher(cfg, job.teacher_name, teacher_key)
-        outputs = load_teacher_outputs(Path(outputs_path))
-        if outputs is None:  # made on another node (or damaged): fetch or rebuild it here
-            teacher_outputs_task(cfg, data, job.teacher_name, teacher_key, job.domain, scores, outputs_path)
-            outputs = load_file(outputs_path)
+        # made on another node (or damaged): fetched from storage or rebuilt here
+        outputs = load_file(teacher_outputs_task(cfg, data, job.teacher_name, teacher_key, job.domain, scores,
+                                                 outputs_path))
     out = distill_student(cfg, data, job, teacher_path, outputs, run, device=device)
     with tempfile.TemporaryDirectory() as tmp:
         save_model(out["model"], Path(tmp), {"kind": "student", "method": job.method, "domain": job.domain,

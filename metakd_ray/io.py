@@ -46,6 +46,19 @@ def read_json(path: Path):
         return None
 
 
+def safetensors_whole(path: Path) -> bool:
+    """The file exists and its safetensors header matches its size (a truncated copy fails), read
+    without loading the tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as fh:
+            fh.keys()
+        return True
+    except Exception:  # missing, truncated or not safetensors at all
+        return False
+
+
 def read_parquet(path: Path):
     """The pyarrow table at ``path``, or None when it is missing or damaged (so it is rebuilt)."""
     import pyarrow as pa
