@@ -25,7 +25,7 @@ from metakd_ray.data import FORMATS
 from metakd_ray.data.amazon import DOMAINS as AMAZON_DOMAINS
 from metakd_ray.errors import MetaKDError
 from metakd_ray.io import content_key
-from metakd_ray.methods import METHODS, TEACHER_KINDS
+from metakd_ray.methods import TEACHER_KINDS, method
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DATA_ROOT_ENV = "METAKD_DATA_ROOT"
@@ -381,10 +381,8 @@ def validate(cfg: Config) -> None:
     _choice("distill.schedule", cfg.distill.schedule, SCHEDULES)
     _choice("teacher.placement_strategy", cfg.teacher.placement_strategy,
             ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
-    for method in cfg.distill.methods:
-        if method not in METHODS:
-            raise MetaKDError(f"config key 'distill.methods': unknown method {method!r} "
-                              f"(expected some of: {', '.join(METHODS)})")
+    for name in cfg.distill.methods:
+        method(name, "config key 'distill.methods'")
 
     for key in ("prototypes.alpha", "prototypes.zeta", "teacher.domain_loss_weight", "teacher.weight_decay",
                 "teacher.warmup_fraction", "teacher.max_grad_norm", "distill.domain_weight",

@@ -47,11 +47,15 @@ METHODS = {m.name: m for m in (
 META_KD = METHODS["meta_kd"]
 
 
-def method(name: str) -> Method:
+def method(name: str, where: str = "", also: str = "") -> Method:
+    """The row of ``name``; an unknown name is one error line naming ``where`` it came from and the
+    choices (``also`` adds one, e.g. 'all' on the command line)."""
     from metakd_ray.errors import MetaKDError
 
     if name not in METHODS:
-        raise MetaKDError(f"unknown method {name!r} (expected some of: {', '.join(METHODS)})")
+        choices = f"{also} or some of" if also else "some of"
+        raise MetaKDError(f"{where + ': ' if where else ''}unknown method {name!r} "
+                          f"(expected {choices}: {', '.join(METHODS)})")
     return METHODS[name]
 
 

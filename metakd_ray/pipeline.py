@@ -33,8 +33,7 @@ def resolve_methods(spec: str | None, cfg: Config) -> list[str]:
         return list(METHODS)
     names = [m.strip() for m in spec.split(",") if m.strip()]
     for name in names:
-        if name not in METHODS:
-            raise MetaKDError(f"--methods: unknown method {name!r} (expected 'all' or some of: {', '.join(METHODS)})")
+        method(name, "--methods", also="'all'")
     return names
 
 
