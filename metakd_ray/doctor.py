@@ -20,6 +20,12 @@ from metakd_ray.data import FORMATS
 from metakd_ray.tracking import tracking_uri
 
 
+def _alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n["Alive"]]
+
+
 def check_ray(cfg: Config, address: str | None) -> tuple[bool, str]:
     import ray
 
@@ -28,7 +34,7 @@ def check_ray(cfg: Config, address: str | None) -> tuple[bool, str]:
             kwargs = {"address": address} if address else {"include_dashboard": False,
                                                            "_node_ip_address": "127.0.0.1"}
             ray.init(log_to_driver=False, **kwargs)
-        nodes = [n for n in ray.nodes() if n["Alive"]]
+        nodes = _alive_nodes()
         total = ray.cluster_resources()
     except Exception as exc:
         return False, f"cannot connect to Ray at {address or 'a new local instance'}: {type(exc).__name__}: {exc}"
@@ -42,10 +48,8 @@ def check_ray(cfg: Config, address: str | None) -> tuple[bool, str]:
 
 def check_gpus(cfg: Config) -> tuple[bool, str]:
     """GPUs per node against what the config asks for, and this process's CUDA / NCCL."""
-    import ray
-
     tcfg, dcfg = cfg.teacher, cfg.distill
-    per_node = [n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]]
+    per_node = [n["Resources"].get("GPU", 0) for n in _alive_nodes()]
     need = max(tcfg.num_workers if tcfg.use_gpu else 0, dcfg.gpus_per_task)
     local = device_report()
     versions = f"torch {local['torch']}, CUDA {local['cuda']}" + (f", NCCL {local['nccl']}" if "nccl" in local else "")
@@ -62,7 +66,7 @@ def check_shared_storage(cfg: Config) -> tuple[bool, str]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n for n in ray.nodes() if n["Alive"]]
+    nodes = _alive_nodes()
     if len(nodes) < 2:
         return True, "one node: outputs stay on it (set ray.storage_path for a cluster)"
     if not cfg.ray.storage_path:
@@ -113,7 +117,7 @@ def check_mlflow(cfg: Config) -> tuple[bool, str]:
     import ray
 
     uri = tracking_uri(cfg)
-    nodes = [n for n in ray.nodes() if n["Alive"]] if ray.is_initialized() else []
+    nodes = _alive_nodes() if ray.is_initialized() else []
     if len(nodes) > 1 and uri.startswith(("sqlite:", "file:", "/")):
         return False, (f"MLflow store {uri} is a file on the driver's node, which workers on the other "
                        f"{len(nodes) - 1} node(s) cannot write; start an MLflow server and set MLFLOW_TRACKING_URI")
