@@ -1,4 +1,5 @@
-"""Screenshot an MLflow experiment's runs page, parent runs expanded, in headless Chromium.
+"""Screenshot an MLflow experiment's runs page, parent runs expanded, in headless Chromium
+(``page_text`` opens any other page: a run, the model registry).
 
     .venv/bin/python bench/mlflow_ui.py sqlite:///bench/out/fidelity-small/mlflow.db fidelity out.png
 
@@ -68,28 +69,49 @@ def mlflow_server(tracking_uri: str, log: Path, artifacts: Path | None = None):
             server.wait(10)
 
 
-def capture(base_url: str, experiment_id: str, parent_names: list[str], png: Path,
-            child_names: list[str] = (), timeout_s: float = 90) -> str:
-    """Open the runs page, expand each named parent, wait for ``child_names``, screenshot; returns the grid text."""
+@contextlib.contextmanager
+def _page():
+    """A 1600x1000 page of Debian's headless Chromium, closed whatever happens."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(f"{base_url}/#/experiments/{experiment_id}/runs")
-            for name in parent_names:
-                row = page.locator("[role=row]", has_text=name).first
-                row.wait_for(timeout=timeout_s * 1000)
-                row.locator(EXPAND).click()
-            for name in child_names:
-                page.locator("[role=row]", has_text=name).first.wait_for(timeout=timeout_s * 1000)
-            page.wait_for_timeout(500)  # let the grid finish laying out before the picture
-            png.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(png), full_page=True)
-            return page.locator("[role=grid]").first.inner_text()
+            yield browser.new_page(viewport={"width": 1600, "height": 1000})
         finally:
             browser.close()
+
+
+def _screenshot(page, png: Path) -> None:
+    page.wait_for_timeout(500)  # let the page finish laying out before the picture
+    png.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(png), full_page=True)
+
+
+def capture(base_url: str, experiment_id: str, parent_names: list[str], png: Path,
+            child_names: list[str] = (), timeout_s: float = 90) -> str:
+    """Open the runs page, expand each named parent, wait for ``child_names``, screenshot; returns the grid text."""
+    with _page() as page:
+        page.goto(f"{base_url}/#/experiments/{experiment_id}/runs")
+        for name in parent_names:
+            row = page.locator("[role=row]", has_text=name).first
+            row.wait_for(timeout=timeout_s * 1000)
+            row.locator(EXPAND).click()
+        for name in child_names:
+            page.locator("[role=row]", has_text=name).first.wait_for(timeout=timeout_s * 1000)
+        _screenshot(page, png)
+        return page.locator("[role=grid]").first.inner_text()
+
+
+def page_text(base_url: str, route: str, wait_for: list[str], png: Path, timeout_s: float = 90) -> str:
+    """Open ``base_url/#/route`` (a run page, ``models``, ...), wait until every text of ``wait_for``
+    shows, screenshot it and return the page's text."""
+    with _page() as page:
+        page.goto(f"{base_url}/#/{route}")
+        for text in wait_for:
+            page.get_by_text(text).first.wait_for(timeout=timeout_s * 1000)
+        _screenshot(page, png)
+        return page.locator("body").inner_text()
 
 
 def main() -> None:

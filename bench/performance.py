@@ -150,7 +150,7 @@ def _stage(name: str, queue) -> None:
 
         plain_loop(*plain_loop_inputs(cfg, data, scores, 8), 8)
     if name == "student":
-        teacher = build_teacher(cfg.model.teacher, len(data.labels), len(data.domains))
+        teacher = build_teacher(cfg.model.teacher, data.labels, data.domains)
         save_model(teacher, cfg.out / "teacher", {"kind": "meta"})
         path = cfg.out / "targets.safetensors"
         compute_teacher_outputs(cfg, data, teacher, "books", scores, True, path)

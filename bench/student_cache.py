@@ -38,7 +38,7 @@ def cache_timings(domain: str = "books", out: Path = Path("outputs/bench-cache")
     data = prepare(cfg, quiet=True)
     scores = compute_prototype_scores(cfg, data, quiet=True)
     # Timing does not depend on the teacher's weights: an untrained meta-teacher suffices.
-    teacher = build_teacher(cfg.model.teacher, len(data.labels), len(data.domains))
+    teacher = build_teacher(cfg.model.teacher, data.labels, data.domains)
     teacher_dir = out / "teacher"
     save_model(teacher, teacher_dir, {"kind": "meta"})
     job = StudentJob("meta_kd", domain)

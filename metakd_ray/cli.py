@@ -1,5 +1,7 @@
 """The ``metakd-ray`` command line.
 
+    metakd-ray presets                             the shipped configs, one line each
+    metakd-ray cp       PRESET FILE.yaml           copy a preset, comments included, to edit it
     metakd-ray validate CONFIG [key=value ...]     print the resolved config
     metakd-ray prepare  CONFIG [key=value ...]     split + tokenize, print per-domain counts
     metakd-ray teacher  CONFIG [--fresh]           train the configured teacher kind on Ray Train
@@ -8,9 +10,12 @@
     metakd-ray sweep    CONFIG --space FILE        Ray Tune + Optuna search (tune_spaces/*.yaml)
     metakd-ray doctor   CONFIG [--address ...]     PASS/FAIL checks of cluster, storage, MLflow, model, data
     metakd-ray report   OUTPUT_DIR ... | --experiment NAME   accuracy tables over seeds, plots, vs the paper
+    metakd-ray predict  MODEL_DIR [--file F | TEXT ...]      classify texts with a saved student or teacher
+    metakd-ray export   MODEL_DIR --onnx [--int8]            ONNX (+ int8) files, checked, with a speed table
 
-CONFIG is a preset (quickstart, amazon, mnli) or a YAML path. Bad input exits with code 2 and one
-``error:`` line naming the key or file.
+CONFIG is a preset (``metakd-ray presets``) or a YAML path. Overrides (``key=value``) may come
+before or after the options. Bad input exits with code 2 and one ``error:`` line naming the key or
+file.
 """
 
 from __future__ import annotations
@@ -19,32 +24,53 @@ import argparse
 import os
 import sys
 
-from metakd_ray.errors import MetaKDError
+from metakd_ray.errors import MetaKDError, did_you_mean
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metakd-ray", description="Meta-KD cross-domain distillation on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _epilog() -> str:
+    from metakd_ray.config import preset_names
+    from metakd_ray.methods import methods_help
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("config", help="preset name (quickstart, amazon, mnli) or path to a YAML config")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return (f"presets: {', '.join(preset_names())} (metakd-ray presets)\n\n"
+            f"methods (--methods takes names or aliases, comma-separated, or 'all'):\n{methods_help()}")
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(prog="metakd-ray", description="Meta-KD cross-domain distillation on Ray.",
+                                     epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: dict[str, argparse.ArgumentParser] = {}
+
+    def add(name: str, help_text: str, config: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=_epilog() if config else None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if config:
+            p.add_argument("config", help="preset name (see `metakd-ray presets`) or path to a YAML config")
+            p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="show Ray's and MLflow's own log lines (default: warnings and errors only)")
+        commands[name] = p
         return p
 
-    command("validate", "Print the resolved, validated config.")
-    command("prepare", "Load, dedupe, split and tokenize the data; print per-domain counts.")
-    p = command("teacher", "Train the teacher (teacher.kind) with Ray Train.")
+    p = add("presets", "List the shipped configs with their first comment line.", config=False)
+    p = add("cp", "Copy a preset, comments included, to a YAML file you can edit.", config=False)
+    p.add_argument("preset", help="preset name (see `metakd-ray presets`)")
+    p.add_argument("file", help="where to write it, e.g. my-data.yaml")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    add("validate", "Print the resolved, validated config.")
+    add("prepare", "Load, dedupe, split and tokenize the data; print per-domain counts.")
+    p = add("teacher", "Train the teacher (teacher.kind) with Ray Train.")
     p.add_argument("--fresh", action="store_true", help="discard an unfinished or finished run and start anew")
     for name, text in (("distill", "Distil one student per domain from trained teachers (Ray tasks)."),
                        ("run", "Run the whole pipeline and write results.json.")):
-        p = command(name, text)
-        p.add_argument("--methods", help="comma-separated methods or 'all' (default: distill.methods)")
+        p = add(name, text)
+        p.add_argument("--methods", help="comma-separated method names or aliases, or 'all' "
+                                         "(default: distill.methods); listed below")
         if name == "run":
             p.add_argument("--fresh", action="store_true", help="retrain the teachers and students from scratch")
-    p = command("doctor", "Check Ray, storage, MLflow, model and data for this config (PASS/FAIL lines).")
+    p = add("doctor", "Check Ray, storage, MLflow, model and data for this config (PASS/FAIL lines).")
     p.add_argument("--address", default=None, help="Ray address (default: ray.address, $RAY_ADDRESS or a local Ray)")
-    p = command("sweep", "Ray Tune + Optuna (+ ASHA) search over a space in tune_spaces/.")
+    p = add("sweep", "Ray Tune + Optuna (+ ASHA) search over a space in tune_spaces/.")
     p.add_argument("--space", required=True, help="search-space YAML, e.g. tune_spaces/distill.yaml")
     p.add_argument("--trials", type=int, default=8, help="number of trials (default 8)")
     p.add_argument("--concurrency", type=int, default=2, help="trials running at once (default 2)")
@@ -52,21 +78,54 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="", help="sweep name (default: <space>-<config hash>)")
     p.add_argument("--objective", default="accuracy", help="accuracy (default) or accuracy,latency (Pareto)")
     p.add_argument("--no-asha", action="store_true", help="run every trial to the end")
-    p = sub.add_parser("report", help="Domain x method report over seeds, beside the paper, with plots.",
-                       description="Domain x method test accuracy (mean ± std over seeds) beside the paper's "
-                                   "table, with heatmap, size/latency, gap and training-curve plots.")
+    p = add("report", "Domain x method test accuracy (mean ± std over seeds) beside the paper's table, with "
+                      "heatmap, size/latency, gap and training-curve plots.", config=False)
     p.add_argument("sources", nargs="*", metavar="OUTPUT_DIR",
                    help="run output directories (or their results.json, or a directory of run directories)")
     p.add_argument("--experiment", help="read every finished pipeline run of this MLflow experiment instead")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow store for --experiment (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--out", help="report directory (default: OUTPUT_DIR/report for one source, else ./report)")
-    return parser
+    p = add("predict", "Classify texts with a saved student or teacher directory.", config=False)
+    p.add_argument("model", metavar="MODEL_DIR", help="e.g. outputs/quickstart/students/meta_kd/books/model")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
+    p.add_argument("--file", help=".txt (one text per line) or .csv/.jsonl/.parquet with a 'text' column "
+                                  "('text_pair' and 'label' optional; with labels the accuracy is printed)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p = add("export", "Export a saved model to ONNX (and dynamic int8), check it against PyTorch and print a "
+                      "size/latency table against its teacher.", config=False)
+    p.add_argument("model", metavar="MODEL_DIR", help="e.g. outputs/quickstart/students/meta_kd/books/model")
+    p.add_argument("--onnx", action="store_true", required=True, help="write MODEL_DIR/onnx/model.onnx")
+    p.add_argument("--int8", action="store_true", help="also write the dynamically quantised model-int8.onnx")
+    p.add_argument("--file", help="examples to check agreement on (default: the model's test split)")
+    p.add_argument("--teacher", help="model directory to compare against (default: the student's teacher)")
+    p.add_argument("--min-agreement", type=float, default=0.97,
+                   help="least share of int8 labels that must match PyTorch (default 0.97)")
+    return parser, commands
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Options and ``key=value`` overrides in any order (argparse's intermixed parsing, per command)."""
+    parser, commands = _parser()
+    if argv and argv[0] in commands:
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    if argv and not argv[0].startswith("-"):
+        parser.error(f"unknown command {argv[0]!r}{did_you_mean(argv[0], commands)} "
+                     f"(expected one of: {', '.join(commands)})")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    args = parse(sys.argv[1:] if argv is None else list(argv))
+    if args.verbose:
+        os.environ["METAKD_VERBOSE"] = "1"
+    else:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
     try:
         return _dispatch(args)
     except MetaKDError as exc:
@@ -82,6 +141,10 @@ def _dispatch(args) -> int:
 
     if args.command == "report":
         return _report(args)
+    if args.command in ("presets", "cp"):
+        return _presets(args)
+    if args.command in ("predict", "export"):
+        return _deploy(args)
     cfg = load_config(args.config, args.overrides)
     if args.command == "validate":
         print(dump_yaml(cfg), end="")
@@ -113,6 +176,43 @@ def _dispatch(args) -> int:
         return 0
     methods = resolve_methods(args.methods, cfg)
     run_pipeline(cfg, methods, fresh=getattr(args, "fresh", False), require_teachers=args.command == "distill")
+    return 0
+
+
+def _presets(args) -> int:
+    from pathlib import Path
+
+    from metakd_ray.config import PRESET_DIR, preset_names
+
+    if args.command == "presets":
+        for name in preset_names():
+            first = (PRESET_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines()[0]
+            print(f"{name:<12} {first.lstrip('# ').removeprefix(name + ':').strip()}")
+        return 0
+    if args.preset not in preset_names():
+        raise MetaKDError(f"cp: unknown preset {args.preset!r}{did_you_mean(args.preset, preset_names())} "
+                          f"(presets: {', '.join(preset_names())})")
+    target = Path(args.file)
+    if target.exists() and not args.force:
+        raise MetaKDError(f"cp: {target} exists (pass --force to overwrite it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text((PRESET_DIR / f"{args.preset}.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    print(f"wrote {target}: edit it, then `metakd-ray validate {target}`")
+    return 0
+
+
+def _deploy(args) -> int:
+    from pathlib import Path
+
+    from metakd_ray.deploy import export, predict
+
+    if args.command == "predict":
+        if bool(args.texts) == bool(args.file):
+            raise MetaKDError("predict: give either TEXT arguments or --file F")
+        predict(Path(args.model), args.texts, Path(args.file) if args.file else None, args.json)
+        return 0
+    export(Path(args.model), args.int8, Path(args.file) if args.file else None,
+           Path(args.teacher) if args.teacher else None, args.min_agreement)
     return 0
 
 

@@ -18,20 +18,108 @@ from metakd_ray.config import Config
 from metakd_ray.io import read_json, safetensors_whole
 
 
+# --------------------------------------------------------------------------- the terminal
+#
+# By default workers' own output is not streamed to the driver (``log_to_driver``): Ray's, Ray
+# Train's and MLflow's bookkeeping lines (worker groups, every report and checkpoint, actor
+# warnings from Ray's C++ core) would bury the pipeline's progress. What the user should see is
+# sent to a ``Console`` actor and printed by the driver. ``--verbose`` streams everything as well.
+
+
+class Console:
+    """Lines and student step counts sent by workers and tasks, for the driver to print (a Ray
+    actor that holds no CPU)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.steps: dict[str, tuple[int, int]] = {}
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+
+    def update(self, name: str, step: int, total: int) -> None:
+        self.steps[name] = (step, total)
+
+    def drain(self) -> tuple[list[str], dict[str, tuple[int, int]]]:
+        lines, self.lines = self.lines, []
+        return lines, dict(self.steps)
+
+
+def start_console():
+    import ray
+
+    return ray.remote(num_cpus=0)(Console).remote()
+
+
+@contextlib.contextmanager
+def relayed_console(every: float = 2.0):
+    """A ``Console`` whose lines the driver prints from a background thread while the block runs
+    (e.g. a blocking ``TorchTrainer.fit``); yields the actor handle to pass to the workers."""
+    import threading
+
+    import ray
+
+    console = start_console()
+    stop = threading.Event()
+
+    def relay():
+        while True:
+            finished = stop.wait(every)
+            for line in ray.get(console.drain.remote())[0]:
+                print(line, flush=True)
+            if finished:
+                return
+
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    try:
+        yield console
+    finally:
+        stop.set()
+        thread.join()
+        ray.kill(console)
+
+
+def say_to(console):
+    """``print`` for a worker: to the driver through ``console`` when there is one."""
+    if console is None:
+        return lambda line: print(line, flush=True)
+    return lambda line: console.say.remote(line)
+
+
+def verbose() -> bool:
+    """``metakd-ray --verbose``: Ray's and MLflow's own INFO lines are shown too."""
+    return os.environ.get("METAKD_VERBOSE") == "1"
+
+
+def worker_env() -> dict[str, str]:
+    """Environment of every worker and task: no download or upload progress bars; print() in a
+    Ray Train worker printed once (Ray's print patch would also echo it through its logger); and,
+    unless verbose, no INFO lines from MLflow nor error-level lines from Ray's C++ core that
+    describe Ray's own bookkeeping (failures still surface as exceptions)."""
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env.update(METAKD_VERBOSE="1") if verbose() else env.update(MLFLOW_LOGGING_LEVEL="WARNING")
+    return env
+
+
 def init_ray(cfg: Config) -> None:
     """Connect to ``ray.address`` / ``$RAY_ADDRESS``, or start a local Ray on 127.0.0.1."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    level = logging.INFO if verbose() else logging.WARNING
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
     if address:  # a cluster (or a `ray job submit` driver): its runtime env is the job's
-        ray.init(address=address)
+        ray.init(address=address, logging_level=level, log_to_driver=verbose())
         return
-    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    env = dict(worker_env(), HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "0"))
     # The dashboard hosts the state API that Ray Train's cleanup polls; keep it on loopback.
     ray.init(runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1")
+             _node_ip_address="127.0.0.1", logging_level=level, log_to_driver=verbose())
 
 
 def is_remote(uri: str) -> bool:

@@ -23,7 +23,7 @@ import yaml
 
 from metakd_ray.data import FORMATS
 from metakd_ray.data.amazon import DOMAINS as AMAZON_DOMAINS
-from metakd_ray.errors import MetaKDError
+from metakd_ray.errors import MetaKDError, did_you_mean
 from metakd_ray.io import content_key
 from metakd_ray.methods import TEACHER_KINDS, method
 
@@ -246,10 +246,10 @@ def with_overrides(cfg: Config, values: dict) -> Config:
         *parents, leaf = key.split(".")
         for part in parents:
             if not isinstance(node.get(part), dict):
-                raise MetaKDError(f"config key '{key}' is unknown")
+                raise MetaKDError(f"config key '{key}' is unknown{did_you_mean(part, node)}")
             node = node[part]
         if leaf not in node:
-            raise MetaKDError(f"config key '{key}' is unknown")
+            raise MetaKDError(f"config key '{key}' is unknown{did_you_mean(leaf, node)}")
         node[leaf] = value
     new = _build(Config, raw, "")
     validate(new)
@@ -268,8 +268,8 @@ def _resolve_source(source: str) -> Path:
         return path
     preset = PRESET_DIR / f"{source}.yaml"
     if not preset.is_file():
-        raise MetaKDError(f"config {source!r} is neither a YAML file nor a preset "
-                          f"(presets: {', '.join(preset_names())})")
+        raise MetaKDError(f"config {source!r} is neither a YAML file nor a preset{did_you_mean(source, preset_names())} "
+                          f"(presets: {', '.join(preset_names())}; list them with `metakd-ray presets`)")
     return preset
 
 
@@ -312,7 +312,8 @@ def _build(cls, raw, prefix: str):
     known = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in known:
-            raise MetaKDError(f"config key '{prefix}{key}' is unknown (expected one of: {', '.join(sorted(known))})")
+            raise MetaKDError(f"config key '{prefix}{key}' is unknown{did_you_mean(key, known)} "
+                              f"(expected one of: {', '.join(sorted(known))})")
     kwargs = {}
     for name in known:
         if name in raw:
@@ -381,8 +382,8 @@ def validate(cfg: Config) -> None:
     _choice("distill.schedule", cfg.distill.schedule, SCHEDULES)
     _choice("teacher.placement_strategy", cfg.teacher.placement_strategy,
             ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
-    for name in cfg.distill.methods:
-        method(name, "config key 'distill.methods'")
+    # aliases (tinybert-meta) become the paper's names (tinybert_kd(meta)) used in results and reports
+    cfg.distill.methods = [method(name, "config key 'distill.methods'").name for name in cfg.distill.methods]
 
     for key in ("prototypes.alpha", "prototypes.zeta", "teacher.domain_loss_weight", "teacher.weight_decay",
                 "teacher.warmup_fraction", "teacher.max_grad_norm", "distill.domain_weight",
@@ -427,7 +428,7 @@ def validate(cfg: Config) -> None:
     known = FORMATS[cfg.data.format].domains
     for d in domains:
         if known and d not in known:
-            raise MetaKDError(f"config key 'data.domains': unknown domain {d!r} for format "
+            raise MetaKDError(f"config key 'data.domains': unknown domain {d!r}{did_you_mean(d, known)} for format "
                               f"{cfg.data.format} (expected some of: {', '.join(known)})")
     if cfg.data.held_out_domain and cfg.data.held_out_domain not in domains:
         raise MetaKDError(f"config key 'data.held_out_domain': {cfg.data.held_out_domain!r} is not one of "

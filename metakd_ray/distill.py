@@ -31,16 +31,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from metakd_ray import losses
-from metakd_ray.cluster import autocast, init_ray, prepare_device, resolve_precision, task_device
+from metakd_ray.cluster import (autocast, init_ray, prepare_device, resolve_precision, start_console, task_device,
+                                worker_env)
 from metakd_ray.config import Config, model_path
 from metakd_ray.data.prepare import PreparedData, Split, subsample_fraction
+from metakd_ray.deploy import read_examples
 from metakd_ray.errors import MetaKDError
 from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json, safetensors_whole
 from metakd_ray.methods import Method, method, teacher_name
-from metakd_ray.models import MetaKDModel, build_student, count_parameters, load_model, save_model
+from metakd_ray.modeling import MetaKDForSequenceClassification
+from metakd_ray.models import SAVE_FORMAT, build_student, count_parameters, load_model, save_model, write_model_card
 from metakd_ray.outputs import Store, node_cache, student_dir, teacher_dir, teacher_finished, teacher_outputs_path
 from metakd_ray.scores import expertise_weight
-from metakd_ray.tracking import RunRef, open_run
+from metakd_ray.tracking import RunRef, flatten, open_run, system_metrics
 from metakd_ray.training import (LOG_EVERY, accuracy_by_domain, batch_at, epoch_order, eval_batch_size, forward,
                                  make_optimizer, measure_latency, model_device, optimizer_step, seed_everything)
 
@@ -53,6 +56,10 @@ class StudentJob:
     @property
     def spec(self) -> Method:
         return method(self.method)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}/{self.domain}"
 
     @property
     def teacher_name(self) -> str:
@@ -70,7 +77,7 @@ def student_train_split(cfg: Config, data: PreparedData, domain: str) -> Split:
 
 
 @torch.no_grad()
-def compute_teacher_outputs(cfg: Config, data: PreparedData, teacher: MetaKDModel, domain: str,
+def compute_teacher_outputs(cfg: Config, data: PreparedData, teacher: MetaKDForSequenceClassification, domain: str,
                             scores: dict[str, float], with_internals: bool, path: Path) -> Path:
     """One eval-mode teacher pass over the domain's student data, on the teacher's device, saved as
     safetensors: ``logits``, ``t``, ``lambda``, ``domain_vector`` and, with internals, fp16
@@ -127,11 +134,12 @@ def _teacher_outputs_ready(path: Path) -> bool:
 
 def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_path: Path | None,
                     teacher_outputs: dict | None, run: RunRef | None = None, log=print,
-                    device: torch.device | None = None) -> dict:
+                    device: torch.device | None = None, progress=None) -> dict:
     """Train one student for ``job`` on ``device`` and return its metrics plus the trained model.
 
     ``teacher_outputs`` holds the cached teacher pass (CPU tensors, moved per batch); without
-    cached internals the teacher itself (from ``teacher_path``) runs beside the student."""
+    cached internals the teacher itself (from ``teacher_path``) runs beside the student.
+    ``progress(step, total_steps)`` is called every few steps."""
     dcfg, spec = cfg.distill, job.spec
     device = device or torch.device("cpu")
     seed_everything(cfg.student_seed)
@@ -141,7 +149,7 @@ def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_pa
     test = data.splits["test"].for_domains([domain_id])
     layer_map = cfg.layer_map
     student = build_student(cfg.model.teacher, cfg.model.student_init, cfg.model.student_layers,
-                            cfg.teacher_arch.width, len(data.labels), len(data.domains), cfg.model.dropout,
+                            cfg.teacher_arch.width, data.labels, data.domains, cfg.model.dropout,
                             trained_teacher=teacher_path if spec.distils else None).to(device)
     tensors = train.tensors()
     history: list[dict] = []
@@ -162,7 +170,9 @@ def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_pa
     gamma2 = dcfg.domain_weight if spec.domain_term else 0.0
     step = 0
     start = time.time()
-    train_stage = _Stage(student, tensors, cfg, run, device)
+    total = planned_steps(cfg, spec, len(train))
+    train_stage = _Stage(student, tensors, cfg, run, device,
+                         (lambda s: progress(s, total)) if progress else None)
 
     if not spec.distils:
         # no_kd: the student fine-tuned on the hard labels alone.
@@ -219,18 +229,33 @@ def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_pa
     return {"result": result, "model": student.cpu()}
 
 
+def stage_steps(epochs: float, examples: int, batch_size: int) -> int:
+    """Optimiser steps of one stage: ``epochs`` passes of full batches."""
+    return int(round(epochs * max(1, examples // batch_size)))
+
+
+def planned_steps(cfg: Config, spec: Method, examples: int) -> int:
+    """All optimiser steps a student of method ``spec`` takes on ``examples`` training examples."""
+    dcfg = cfg.distill
+    if not spec.distils:
+        return stage_steps(dcfg.no_kd_epochs, examples, dcfg.batch_size)
+    stage1 = stage_steps(dcfg.stage1_epochs, examples, dcfg.batch_size) if dcfg.schedule == "two_stage" else 0
+    return stage1 + stage_steps(dcfg.stage2_epochs, examples, dcfg.batch_size)
+
+
 class _Stage:
     """Runs one training stage of a student: shuffled mini-batches, AdamW with warm-up, dev
     evaluation every ``distill.eval_every`` steps."""
 
-    def __init__(self, model, tensors: dict, cfg: Config, run: RunRef | None, device: torch.device):
+    def __init__(self, model, tensors: dict, cfg: Config, run: RunRef | None, device: torch.device, progress=None):
         self.model, self.tensors, self.cfg, self.run, self.device = model, tensors, cfg, run, device
+        self.progress = progress
 
     def __call__(self, epochs: float, lr: float, step: int, evaluate, stage: str, loss_fn, internals: bool) -> int:
         dcfg = self.cfg.distill
         n = len(self.tensors["labels"])
         per_epoch = max(1, n // dcfg.batch_size)
-        total = int(round(epochs * per_epoch))
+        total = stage_steps(epochs, n, dcfg.batch_size)
         if total == 0:
             return step
         optimizer, scheduler = make_optimizer(self.model, lr, dcfg.weight_decay, total, dcfg.warmup_fraction)
@@ -247,8 +272,11 @@ class _Stage:
                 loss = loss_fn(b, idx, out)
             optimizer_step(self.model, optimizer, scheduler, loss, dcfg.max_grad_norm)
             step += 1
-            if self.run and step % LOG_EVERY == 0:
-                self.run.log_metrics({f"train/{stage}_loss": loss.item()}, step)
+            if step % LOG_EVERY == 0:
+                if self.run:
+                    self.run.log_metrics({"train/loss": loss.item()}, step)
+                if self.progress:
+                    self.progress(step)
             if evaluate and (step % dcfg.eval_every == 0 or i == total - 1):
                 evaluate(step, stage)
         return step
@@ -275,7 +303,7 @@ def student_key(cfg: Config, data: PreparedData, job: StudentJob, teacher_key: s
     for k in ("methods", "cpus_per_task", "gpus_per_task", "max_retries", "cache_teacher_targets"):
         training.pop(k)
     return content_key(data.key, teacher_key, training, cfg.to_dict()["model"], cfg.seed, cfg.precision,
-                       cfg.data.target_fraction, job.method, job.domain)[:12]
+                       cfg.data.target_fraction, job.method, job.domain, SAVE_FORMAT)[:12]
 
 
 def fetch_teacher(cfg: Config, name: str, key: str) -> Path:
@@ -314,7 +342,7 @@ def teacher_outputs_task(cfg: Config, data: PreparedData, name: str, key: str, d
 
 
 def _student_task(cfg: Config, data: PreparedData, job: StudentJob, teacher_key: str, outputs_path: str | None,
-                  scores: dict, run: RunRef) -> dict:
+                  scores: dict, run: RunRef, console) -> dict:
     """Ray task body: train one student on the GPU Ray gave it (else the CPU); return its result
     and its saved files, so the driver writes them wherever this task ran."""
     torch.set_num_threads(cfg.distill.cpus_per_task)  # reused workers keep the first import's count
@@ -326,12 +354,15 @@ def _student_task(cfg: Config, data: PreparedData, job: StudentJob, teacher_key:
         # made on another node (or damaged): fetched from storage or rebuilt here
         outputs = load_file(teacher_outputs_task(cfg, data, job.teacher_name, teacher_key, job.domain, scores,
                                                  outputs_path))
-    out = distill_student(cfg, data, job, teacher_path, outputs, run, device=device)
+    with system_metrics(run):
+        # the driver prints the result line; steps go to the progress board
+        out = distill_student(cfg, data, job, teacher_path, outputs, run, log=lambda line: None, device=device,
+                              progress=lambda step, total: console.update.remote(job.name, step, total))
     with tempfile.TemporaryDirectory() as tmp:
         save_model(out["model"], Path(tmp), {"kind": "student", "method": job.method, "domain": job.domain,
-                                             "domains": data.domains, "labels": data.labels,
-                                             "dropout": cfg.model.dropout},
-                   tokenizer_from=model_path(cfg.model.teacher))
+                                             "teacher": job.teacher_name or None, "max_length": cfg.data.max_length,
+                                             "test_split": str(data.directory / "test.parquet")},
+                   tokenizer_from=model_path(cfg.model.teacher), max_length=cfg.data.max_length)
         files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
     return {"result": out["result"], "files": files}
 
@@ -367,9 +398,11 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
     dcfg = cfg.distill
     options = {"num_cpus": dcfg.cpus_per_task, "num_gpus": dcfg.gpus_per_task, "max_retries": dcfg.max_retries,
                "retry_exceptions": True}
+    options["runtime_env"] = {"env_vars": worker_env()}
     outputs_remote = ray.remote(teacher_outputs_task).options(**options)
     student_remote = ray.remote(_student_task).options(**options)
     data_ref, scores_ref = ray.put(data), ray.put(scores)
+    console = start_console()
     output_refs, pending = {}, {}
     for job, key in todo:
         t_key, outputs = "", None
@@ -383,48 +416,121 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
         run = open_run(cfg, f"student/{job.method}/{job.domain}/{key}", f"student-{job.method}-{job.domain}",
                        "student", parent, {"metakd.domain": job.domain, "metakd.method": job.method,
                                            "metakd.teacher": job.teacher_name or "none"})
-        ref = student_remote.remote(cfg, data_ref, job, t_key, outputs, scores_ref, run)
+        ref = student_remote.remote(cfg, data_ref, job, t_key, outputs, scores_ref, run, console)
         pending[ref] = (job, key, run)
 
-    total, failures = len(pending), {}
-    started = time.time()
-    print(f"[distill] {total} student(s) on Ray ({dcfg.cpus_per_task} CPU"
+    failures = {}
+    board = ProgressBoard([job for job, _, _ in pending.values()])
+    print(f"[distill] {len(pending)} student(s) on Ray ({dcfg.cpus_per_task} CPU"
           f"{f', {dcfg.gpus_per_task:g} GPU' if dcfg.gpus_per_task else ''} each): "
-          f"{', '.join(f'{j.method}/{j.domain}' for j, _, _ in pending.values())}")
+          f"{', '.join(job.name for job, _, _ in pending.values())}", flush=True)
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=30)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=5)
         for ref in ready:
             job, key, run = pending.pop(ref)
             try:
                 out = ray.get(ref)
             except Exception as exc:  # RayTaskError wraps the task's exception
-                failures[f"{job.method}/{job.domain}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                failures[job.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 run.finish("FAILED")
-                print(f"[distill] FAILED {job.method}/{job.domain} after retries: "
-                      f"{failures[f'{job.method}/{job.domain}']}")
+                board.finish(job.name)
+                print(f"[distill] FAILED {job.name} after retries: {failures[job.name]}", flush=True)
                 continue
-            result = dict(out["result"], key=key, run_id=run.run_id)
-            _save_student(cfg, job, out["files"], result, run, store)
+            reference = teachers.get(job.teacher_name) or teachers.get("meta")
+            result = _save_student(cfg, data, job, out["files"], dict(out["result"], key=key, run_id=run.run_id), run,
+                                   reference, store)
             results.setdefault(job.method, {})[job.domain] = result
-        done = total - len(pending)
-        waiting = ", ".join(f"{j.method}/{j.domain}" for j, _, _ in pending.values())
-        print(f"[distill] {done}/{total} done, {len(failures)} failed, {time.time() - started:.0f}s"
-              + (f"; running or queued: {waiting}" if waiting else ""), flush=True)
+            board.finish(job.name, result["steps"])
+            print(f"[distill] {job.name}: dev {result['dev_acc']:.4f} test {result['test_acc']:.4f} "
+                  f"({result['steps']} steps on {result['device']}, {result['train_seconds']:.0f}s)", flush=True)
+        lines, steps = ray.get(console.drain.remote())
+        for line in lines + [board.line(steps, force=bool(ready))]:
+            if line:
+                print(line, flush=True)
+    ray.kill(console)
     return results, failures
 
 
-def _save_student(cfg: Config, job: StudentJob, files: dict, result: dict, run: RunRef, store: Store | None) -> None:
+class ProgressBoard:
+    """The distill stage's progress line, fit for a plain log: students done / running (with their
+    steps) / queued, elapsed time and an estimate of the time left from the steps taken so far.
+    A line is printed when something changed, at most every ``every`` seconds unless forced."""
+
+    def __init__(self, jobs: list[StudentJob], every: float = 20.0):
+        self.names = [job.name for job in jobs]
+        self.done: dict[str, int] = {}  # name -> total steps it took
+        self.started = time.time()
+        self.every, self.last_time, self.last_state = every, 0.0, None
+
+    def finish(self, name: str, steps: int = 0) -> None:
+        self.done[name] = steps
+
+    def line(self, steps: dict[str, tuple[int, int]], force: bool = False, now: float | None = None) -> str | None:
+        now = time.time() if now is None else now
+        running = {n: steps[n] for n in self.names if n in steps and n not in self.done}
+        queued = [n for n in self.names if n not in steps and n not in self.done]
+        state = (len(self.done), tuple(sorted(running.items())))
+        if state == self.last_state or (not force and now - self.last_time < self.every):
+            return None
+        self.last_state, self.last_time = state, now
+        elapsed = now - self.started
+        parts = [f"[distill] {len(self.done)}/{len(self.names)} done"]
+        if running:
+            parts.append(f"running {', '.join(f'{n} {s}/{t}' for n, (s, t) in running.items())}")
+        if queued:
+            parts.append(f"{len(queued)} waiting to start")
+        parts.append(f"{_duration(elapsed)} elapsed" + (f", about {_duration(left)} left"
+                                                          if (left := self.time_left(running, queued, elapsed))
+                                                          is not None else ""))
+        return " · ".join(parts)
+
+    def time_left(self, running: dict, queued: list, elapsed: float) -> float | None:
+        """Remaining steps at the rate of all steps so far; a queued student is assumed to take as
+        many steps as the students known so far, on average."""
+        known = list(self.done.values()) + [t for _, t in running.values()]
+        taken = sum(self.done.values()) + sum(s for s, _ in running.values())
+        if not taken or not known or not (running or queued):
+            return None
+        remaining = sum(t - s for s, t in running.values()) + len(queued) * sum(known) / len(known)
+        return remaining * elapsed / taken
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _save_student(cfg: Config, data: PreparedData, job: StudentJob, files: dict, result: dict, run: RunRef,
+                  reference: dict | None, store: Store | None) -> dict:
+    """Write the student's model directory (with its model card), log it to MLflow as a model
+    with its data splits and settings, then write ``result.json`` (last: it marks the student done)."""
     directory = student_dir(cfg, job.method, job.domain)
+    metrics = {k: result[k] for k in ("dev_acc", "test_acc", "params", "latency_ms", "latency_b32_ms",
+                                      "gpu_latency_ms") if k in result}
+    if reference and reference.get("params"):  # the teacher it distilled from (the meta-teacher for no_kd): how much smaller and faster
+        metrics["compression"] = reference["params"] / result["params"]
+        metrics["speedup"] = reference["latency_ms"] / result["latency_ms"]
     with atomic_dir(directory / "model") as tmp:
         for name, blob in files.items():
             (tmp / name).write_bytes(blob)
-    metrics = ("dev_acc", "test_acc", "params", "latency_ms", "gpu_latency_ms")
-    run.log_metrics({f"final/{k}": result[k] for k in metrics if k in result})
-    run.log_params({"method": job.method, "domain": job.domain, "teacher": result["teacher"],
-                    "train_examples": result["train_examples"], "device": result["device"],
-                    "precision": result["precision"]})
-    run.log_artifacts(directory / "model", "model")
+        write_model_card(tmp, dict(result, **metrics, kind="student", mlflow_run_id=run.run_id, labels=data.labels,
+                                   title=f"metakd-ray student: {job.method} / {job.domain}",
+                                   summary=f"{job.spec.summary}, for the {job.domain} domain of `{cfg.name}` "
+                                           f"({cfg.model.student_layers} layers of `{cfg.model.teacher}`).",
+                                   data=f"{cfg.data.format}: {job.domain}", max_length=cfg.data.max_length,
+                                   config_hash=cfg.hash()))
+    run.log_params(flatten({"method": job.method, "domain": job.domain, "teacher": result["teacher"],
+                            "train_examples": result["train_examples"], "device": result["device"],
+                            "precision": result["precision"], "seed": cfg.student_seed,
+                            "distill": cfg.to_dict()["distill"], "model": cfg.to_dict()["model"]}))
+    run.log_metrics(metrics)
+    run.log_splits({s: data.directory / f"{s}.parquet" for s in ("train", "dev", "test")}, cfg.data.format, job.domain)
+    example = read_examples(data.directory / "test.parquet", job.domain)
+    rows = {"text": example.texts[:2], **({"text_pair": example.pairs[:2]} if example.pairs else {})}
+    result = dict(result, **metrics, model_id=run.log_model(directory / "model", f"student-{job.method}-{job.domain}",
+                                                           rows, metrics))
     run.finish()
     atomic_write_json(directory / "result.json", result)
     if store:
         store.put(directory, f"students/{job.method}/{job.domain}")
+    return result

@@ -68,22 +68,6 @@ def grl_domain_ce(domain_logits: torch.Tensor, domains: torch.Tensor) -> torch.T
     return F.cross_entropy(domain_logits, domains, reduction="none")
 
 
-class _GradReverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -ctx.scale * grad, None
-
-
-def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Identity forward; multiplies the gradient by -scale on the way back (DANN's GRL)."""
-    return _GradReverse.apply(x, scale)
-
-
 # --------------------------------------------------------------------------- student
 
 

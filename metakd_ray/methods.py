@@ -22,6 +22,7 @@ TEACHER_KINDS = ("meta", "mix", "single")
 @dataclass(frozen=True)
 class Method:
     name: str  # as in results.json and the paper's table
+    alias: str  # shell-safe, accepted wherever a method is named; also the MLflow metric suffix
     teacher_kind: str  # "" = trained on labels, no teacher
     use_lambda: bool  # weight instances by the teacher's domain expertise λ
     domain_term: bool  # add γ2 · the transferable-knowledge (domain vector) loss to stage 1
@@ -38,25 +39,35 @@ class Method:
 
 
 METHODS = {m.name: m for m in (
-    Method("meta_kd", "meta", True, True, "Meta-KD: λ-weighted distillation from the meta-teacher"),
-    Method("no_kd", "", False, False, "the student trained on labels alone"),
-    Method("tinybert_kd(meta)", "meta", False, False, "TinyBERT-KD from the meta-teacher"),
-    Method("tinybert_kd(mix)", "mix", False, False, "TinyBERT-KD from a teacher trained on all domains mixed"),
-    Method("tinybert_kd(single)", "single", False, False, "TinyBERT-KD from the target domain's own teacher"),
+    Method("meta_kd", "meta-kd", "meta", True, True, "Meta-KD: λ-weighted distillation from the meta-teacher"),
+    Method("no_kd", "no-kd", "", False, False, "the student trained on labels alone"),
+    Method("tinybert_kd(meta)", "tinybert-meta", "meta", False, False, "TinyBERT-KD from the meta-teacher"),
+    Method("tinybert_kd(mix)", "tinybert-mix", "mix", False, False,
+           "TinyBERT-KD from a teacher trained on all domains mixed"),
+    Method("tinybert_kd(single)", "tinybert-single", "single", False, False,
+           "TinyBERT-KD from the target domain's own teacher"),
 )}
+ALIASES = {m.alias: m for m in METHODS.values()}
 META_KD = METHODS["meta_kd"]
 
 
 def method(name: str, where: str = "", also: str = "") -> Method:
-    """The row of ``name``; an unknown name is one error line naming ``where`` it came from and the
-    choices (``also`` adds one, e.g. 'all' on the command line)."""
-    from metakd_ray.errors import MetaKDError
+    """The row of ``name`` or of its alias; an unknown name is one error line naming ``where`` it
+    came from and the choices (``also`` adds one, e.g. 'all' on the command line)."""
+    from metakd_ray.errors import MetaKDError, did_you_mean
 
-    if name not in METHODS:
+    found = METHODS.get(name) or ALIASES.get(name)
+    if found is None:
         choices = f"{also} or some of" if also else "some of"
-        raise MetaKDError(f"{where + ': ' if where else ''}unknown method {name!r} "
-                          f"(expected {choices}: {', '.join(METHODS)})")
-    return METHODS[name]
+        raise MetaKDError(f"{where + ': ' if where else ''}unknown method {name!r}"
+                          f"{did_you_mean(name, list(METHODS) + list(ALIASES))} "
+                          f"(expected {choices}: {', '.join(f'{m.name} ({m.alias})' for m in METHODS.values())})")
+    return found
+
+
+def methods_help() -> str:
+    """One line per method, for ``--help``."""
+    return "\n".join(f"  {m.alias:<16} {m.name:<20} {m.summary}" for m in METHODS.values())
 
 
 def methods_from(kind: str) -> list[str]:

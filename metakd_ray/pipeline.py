@@ -20,10 +20,10 @@ from metakd_ray.distill import StudentJob, run_students
 from metakd_ray.errors import MetaKDError
 from metakd_ray.io import atomic_write_json, text_table
 from metakd_ray.methods import METHODS, TEACHER_KINDS, method, teacher_name
-from metakd_ray.outputs import Store, teacher_dir
+from metakd_ray.outputs import Store, student_dir, teacher_dir
 from metakd_ray.prototypes import compute_prototype_scores, prototype_dir
 from metakd_ray.teacher import train_teacher
-from metakd_ray.tracking import experiment_id, pipeline_run
+from metakd_ray.tracking import experiment_id, pipeline_run, register_best
 
 
 def resolve_methods(spec: str | None, cfg: Config) -> list[str]:
@@ -31,10 +31,7 @@ def resolve_methods(spec: str | None, cfg: Config) -> list[str]:
         return list(cfg.distill.methods)
     if spec == "all":
         return list(METHODS)
-    names = [m.strip() for m in spec.split(",") if m.strip()]
-    for name in names:
-        method(name, "--methods", also="'all'")
-    return names
+    return [method(m.strip(), "--methods", also="'all'").name for m in spec.split(",") if m.strip()]
 
 
 def teachers_needed(cfg: Config, methods: list[str]) -> list[tuple[str, str]]:
@@ -76,6 +73,8 @@ def run_pipeline(cfg: Config, methods: list[str], fresh: bool = False, teachers_
     jobs = [StudentJob(m, d) for m in methods for d in cfg.data.domains]
     students, failures = run_students(cfg, data, jobs, teachers, scores, parent)
     results = assemble_results(cfg, data.domains, teachers, students, parent, failures, store)
+    parent.log_metrics(summary_metrics(results))
+    results["registered"] = register_best(cfg, students)
     atomic_write_json(cfg.out / "results.json", results)
     if store:
         store.put(cfg.out / "results.json", "results.json")
@@ -83,6 +82,10 @@ def run_pipeline(cfg: Config, methods: list[str], fresh: bool = False, teachers_
     print(format_table(results))
     print(f"results: {cfg.out / 'results.json'}   MLflow: {results['mlflow']['tracking_uri']} "
           f"(parent run {parent.run_id})\ntables over seeds and plots: metakd-ray report {cfg.out}"
+          + "".join(f"\nregistered {name} (alias best), the dev-best student of {domain}"
+                    for domain, name in results["registered"].items())
+          + (f"\nuse a student: metakd-ray predict {student_dir(cfg, methods[0], cfg.data.domains[0]) / 'model'} "
+             f"\"some text\"" if students else "")
           + (f"\na copy of teachers, students and results.json: {store.uri}" if store else ""))
     if failures:
         raise MetaKDError(f"{len(failures)} student(s) failed after retries: "
@@ -106,7 +109,9 @@ def assemble_results(cfg: Config, domains: list[str], teachers: dict, students: 
             cell.update({k: summary[k] for k in ("params", "latency_ms") if k in summary})  # older teachers lack them
             teacher_table.setdefault(kind, {})[domain] = cell
     student_table = {
-        method: {domain: {k: r[k] for k in ("dev_acc", "test_acc", "params", "latency_ms", "train_examples", "run_id")}
+        method: {domain: {k: r[k] for k in ("dev_acc", "test_acc", "params", "latency_ms", "latency_b32_ms",
+                                            "compression", "speedup", "train_examples", "run_id", "model_id")
+                          if k in r}
                  for domain, r in per.items()}
         for method, per in students.items()
     }
@@ -130,14 +135,38 @@ def assemble_results(cfg: Config, domains: list[str], teachers: dict, students: 
     }
 
 
+def summary_metrics(results: dict) -> dict:
+    """The parent run's metrics: mean dev and test accuracy over domains of every teacher and
+    method (``test_acc/meta-kd``, ``test_acc/teacher-meta``, ...), and each method's mean size
+    and speed-up against its teacher."""
+    rows = {f"teacher-{k}": v for k, v in results["teacher"].items()}
+    rows.update({method(m).alias: v for m, v in results["students"].items()})
+    out = {}
+    for name, per in rows.items():
+        for key in ("dev_acc", "test_acc", "compression", "speedup"):
+            values = [cell[key] for cell in per.values() if key in cell]
+            if values:
+                out[f"{key}/{name}"] = float(np.mean(values))
+    return out
+
+
 def format_table(results: dict) -> str:
-    """The test-accuracy table: one row per teacher and student method, one column per domain."""
+    """The test-accuracy table: one row per teacher and student method, one column per domain, then
+    the model's size (encoder parameters) and batch-1 CPU latency against the meta-teacher's."""
     domains = results["domains"]
+    base = next(iter(results["teacher"].values()), {})
+    base_params = np.mean([c["params"] for c in base.values() if "params" in c]) if base else None
+    base_ms = np.mean([c["latency_ms"] for c in base.values() if "latency_ms" in c]) if base else None
     rows = []
     for name, per in [(f"teacher {k}", v) for k, v in results["teacher"].items()] + list(results["students"].items()):
         cells = [per.get(d, {}).get("test_acc") for d in domains]
         known = [c for c in cells if c is not None]
         cells.append(np.mean(known) if known else None)
-        rows.append([name] + [f"{c:.4f}" if c is not None else "-" for c in cells])
-    return text_table(["test accuracy"] + [d[:11] for d in domains] + ["mean"], rows,
-                      [24] + [12] * len(domains) + [9])
+        params = [c["params"] for c in per.values() if "params" in c]
+        ms = [c["latency_ms"] for c in per.values() if "latency_ms" in c]
+        size = f"{np.mean(params) / 1e6:.1f}M" + (f" {base_params / np.mean(params):.1f}x" if params and base_params
+                                                   else "") if params else "-"
+        speed = f"{np.mean(ms):.1f} {base_ms / np.mean(ms):.1f}x" if ms and base_ms else "-"
+        rows.append([name] + [f"{c:.4f}" if c is not None else "-" for c in cells] + [size, speed])
+    return text_table(["test accuracy"] + [d[:11] for d in domains] + ["mean", "params", "ms (b1)"], rows,
+                      [24] + [12] * len(domains) + [9, 12, 11])

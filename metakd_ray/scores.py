@@ -8,17 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor, masked: bool = True) -> torch.Tensor:
-    """Sentence embedding of the last hidden layer.
-
-    masked:   e(x) = Σ_l m_l·H_l / Σ_l m_l over real tokens (default).
-    unmasked: e(x) = mean_{l=1..L-1} H_l, skipping [CLS], padding included (authors' code, §1).
-    """
-    if masked:
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    return hidden[:, 1:].mean(1)
+# defined with the model, so a saved model's code needs only torch and transformers
+from metakd_ray.modeling import mean_pool  # noqa: F401 - the prototypes' sentence embedding
 
 
 def prototype_scores_per_class(emb: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor,

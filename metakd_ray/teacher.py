@@ -9,8 +9,8 @@ The objective is ``losses.teacher_loss``: t-weighted CE plus γ1 times the domai
 Kinds: ``meta`` (t weights + domain loss), ``mix`` (all domains, plain CE), ``single`` (one teacher
 per domain, plain CE). ``train_loop_per_worker`` reads top to bottom; Ray appears only at its edges
 (context, device, checkpoint restore, report). Every ``teacher.eval_every`` steps rank 0 evaluates
-each domain's dev set and reports ``val/<domain>/acc`` and ``val/mean_acc`` with a checkpoint (model,
-optimiser, scheduler, step, RNG); the best checkpoint by ``val/mean_acc`` becomes the teacher.
+each domain's dev set and reports ``val/<domain>/acc`` and their mean ``val/acc`` with a checkpoint
+(model, optimiser, scheduler, step, RNG); the best checkpoint by ``val/acc`` becomes the teacher.
 A restarted worker group resumes from the latest checkpoint; re-running the command resumes an
 unfinished run (same Ray run name) and does nothing for a finished one.
 """
@@ -29,15 +29,17 @@ from safetensors.torch import load_file, save_file
 
 from metakd_ray import losses
 from metakd_ray.cluster import (autocast, init_ray, is_remote, latest_checkpoint, prepare_device, resolve_precision,
-                                storage_path, task_device)
+                                relayed_console, say_to, storage_path, task_device, verbose, worker_env)
 from metakd_ray.config import Config, model_path
 from metakd_ray.data.prepare import PreparedData, Split
+from metakd_ray.deploy import read_examples
 from metakd_ray.errors import MetaKDError
 from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json
 from metakd_ray.methods import teacher_name
-from metakd_ray.models import MetaKDModel, build_teacher, count_parameters, save_model
+from metakd_ray.modeling import MetaKDForSequenceClassification
+from metakd_ray.models import SAVE_FORMAT, build_teacher, count_parameters, save_model, write_model_card
 from metakd_ray.outputs import Store, teacher_dir, teacher_finished
-from metakd_ray.tracking import RunRef, flatten, open_run
+from metakd_ray.tracking import RunRef, flatten, open_run, system_metrics
 from metakd_ray.training import (LOG_EVERY, accuracy_by_domain, batch_at, epoch_order, forward, make_optimizer,
                                  measure_latency, optimizer_step, seed_everything)
 
@@ -60,10 +62,11 @@ def train_loop_per_worker(config: dict) -> None:
     dev: Split = ray.get(config["dev"])
     weights = torch.tensor(ray.get(config["weights"]))
     run: RunRef | None = config["run"] if rank == 0 else None
+    say = say_to(config.get("console"))
 
     # [2] Model (moved to the device by prepare_model), optimiser, schedule.
     seed_everything(config["seed"])
-    model = build_teacher(config["model_name"], config["num_labels"], config["num_domains"], config["dropout"])
+    model = build_teacher(config["model_name"], config["labels"], config["domains"], config["dropout"])
     model = ray.train.torch.prepare_model(model)
     core = getattr(model, "module", model)
     global_batch, local_batch = config["batch_size"], config["batch_size"] // world
@@ -81,57 +84,58 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             step, best = _load_training_state(Path(d), core, optimizer, scheduler, rank)
-        print(f"[teacher] rank {rank} resumed at step {step}/{total_steps}", flush=True)
+        say(f"[teacher] rank {rank} resumed at step {step}/{total_steps}")
     else:
         torch.manual_seed(config["seed"] + rank)
     if rank == 0 and step == 0:
-        print(f"[teacher] training on {device} with {resolve_precision(config['precision'], device)} "
-              f"over {world} worker(s)", flush=True)
+        say(f"[teacher] training on {device} with {resolve_precision(config['precision'], device)} "
+            f"over {world} worker(s)")
 
-    tensors = train.tensors()
-    domains = config["domains"]
-    model.train()
-    window_start, window_samples = time.perf_counter(), 0
-    while step < total_steps:
-        # [4] The batch of this step is a pure function of (seed, step): resumes replay it exactly.
-        epoch, position = divmod(step, steps_per_epoch)
-        order = epoch_order(len(train), config["seed"], epoch)
-        index = order[position * global_batch:(position + 1) * global_batch][rank::world][:local_batch]
-        batch = batch_at(tensors, index, device)
-        t = weights[index].to(device, non_blocking=True)
-        loss, ce, domain_term = train_step(model, optimizer, scheduler, batch, t, config, step, rank)
-        step += 1
-        window_samples += len(index) * world
+    with system_metrics(run):  # rank 0 only: the machine that trains and evaluates
+        tensors = train.tensors()
+        domains = config["domains"]
+        model.train()
+        window_start, window_samples = time.perf_counter(), 0
+        while step < total_steps:
+            # [4] The batch of this step is a pure function of (seed, step): resumes replay it exactly.
+            epoch, position = divmod(step, steps_per_epoch)
+            order = epoch_order(len(train), config["seed"], epoch)
+            index = order[position * global_batch:(position + 1) * global_batch][rank::world][:local_batch]
+            batch = batch_at(tensors, index, device)
+            t = weights[index].to(device, non_blocking=True)
+            loss, ce, domain_term = train_step(model, optimizer, scheduler, batch, t, config, step, rank)
+            step += 1
+            window_samples += len(index) * world
 
-        if run and step % config["log_every"] == 0:
-            run.log_metrics({"train/loss": loss.item(), "train/ce": ce.mean().item(),
-                             "train/domain_loss": domain_term.mean().item(),
-                             "train/lr": scheduler.get_last_lr()[0]}, step)
+            if run and step % config["log_every"] == 0:
+                run.log_metrics({"train/loss": loss.item(), "train/ce": ce.mean().item(),
+                                 "train/domain_loss": domain_term.mean().item(),
+                                 "train/lr": scheduler.get_last_lr()[0]}, step)
 
-        # [5] Evaluate, checkpoint and report (every worker reports; only rank 0 has a checkpoint).
-        if step % config["eval_every"] == 0 or step == total_steps:
-            throughput = window_samples / (time.perf_counter() - window_start)
-            metrics = {"step": step, "epoch": step / steps_per_epoch, "train/loss": loss.item(),
-                       "train/samples_per_s": throughput}
-            checkpoint_dir = None
-            if rank == 0:
-                acc = accuracy_by_domain(core, dev, domains, config["precision"])
-                metrics.update({f"val/{d}/acc": a for d, a in acc.items()})
-                metrics["val/mean_acc"] = float(np.mean(list(acc.values())))
-                if metrics["val/mean_acc"] > best["acc"]:
-                    best = {"acc": metrics["val/mean_acc"], "step": step}
-                metrics.update({"best/mean_acc": best["acc"], "best/step": best["step"]})
-                checkpoint_dir = Path(tempfile.mkdtemp(prefix="metakd-ckpt-"))
-                _save_training_state(checkpoint_dir, core, optimizer, scheduler, step, best)
-                if run:
-                    run.log_metrics({k: v for k, v in metrics.items() if k not in ("step",)}, step)
-                print(f"[teacher] step {step}/{total_steps} loss {loss.item():.4f} val/mean_acc "
-                      f"{metrics['val/mean_acc']:.4f} ({throughput:.1f} samples/s)", flush=True)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
-                             if checkpoint_dir else None)
-            if checkpoint_dir:
-                shutil.rmtree(checkpoint_dir, ignore_errors=True)
-            window_start, window_samples = time.perf_counter(), 0
+            # [5] Evaluate, checkpoint and report (every worker reports; only rank 0 has a checkpoint).
+            if step % config["eval_every"] == 0 or step == total_steps:
+                throughput = window_samples / (time.perf_counter() - window_start)
+                metrics = {"step": step, "epoch": step / steps_per_epoch, "train/loss": loss.item(),
+                           "train/samples_per_s": throughput}
+                checkpoint_dir = None
+                if rank == 0:
+                    acc = accuracy_by_domain(core, dev, domains, config["precision"])
+                    metrics.update({f"val/{d}/acc": a for d, a in acc.items()})
+                    metrics["val/acc"] = float(np.mean(list(acc.values())))
+                    if metrics["val/acc"] > best["acc"]:
+                        best = {"acc": metrics["val/acc"], "step": step}
+                    metrics.update({"best/acc": best["acc"], "best/step": best["step"]})
+                    checkpoint_dir = Path(tempfile.mkdtemp(prefix="metakd-ckpt-"))
+                    _save_training_state(checkpoint_dir, core, optimizer, scheduler, step, best)
+                    if run:
+                        run.log_metrics({k: v for k, v in metrics.items() if k not in ("step",)}, step)
+                    say(f"[teacher] step {step}/{total_steps} loss {loss.item():.4f} val/acc "
+                        f"{metrics['val/acc']:.4f} ({throughput:.1f} samples/s)")
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+                                 if checkpoint_dir else None)
+                if checkpoint_dir:
+                    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+                window_start, window_samples = time.perf_counter(), 0
 
 
 def train_step(model, optimizer, scheduler, batch: dict, t: torch.Tensor, config: dict, step: int, rank: int):
@@ -192,8 +196,7 @@ def loop_settings(cfg: Config, data: PreparedData, kind: str) -> dict:
     """Everything ``train_loop_per_worker`` needs besides the data and the MLflow run."""
     tcfg = cfg.teacher
     return {"threads": tcfg.cpus_per_worker, "seed": cfg.seed, "model_name": cfg.model.teacher,
-            "num_labels": len(data.labels), "num_domains": len(data.domains), "dropout": cfg.model.dropout,
-            "domains": data.domains, "batch_size": tcfg.batch_size, "epochs": tcfg.epochs, "lr": tcfg.lr,
+            "labels": data.labels, "domains": data.domains, "dropout": cfg.model.dropout, "batch_size": tcfg.batch_size, "epochs": tcfg.epochs, "lr": tcfg.lr,
             "weight_decay": tcfg.weight_decay, "warmup_fraction": tcfg.warmup_fraction,
             "max_grad_norm": tcfg.max_grad_norm,
             "eval_every": tcfg.eval_every, "log_every": LOG_EVERY, "precision": cfg.precision,
@@ -211,7 +214,7 @@ def loop_config(cfg: Config, data: PreparedData, kind: str, domain_ids: list[int
 
 def make_trainer(cfg: Config, loop_config: dict, run_name: str, storage: str, callbacks=None, num_to_keep=None):
     """The one ``TorchTrainer`` of the project: workers, device, checkpoints and retries from ``cfg.teacher``."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     tcfg = cfg.teacher
@@ -224,18 +227,21 @@ def make_trainer(cfg: Config, loop_config: dict, run_name: str, storage: str, ca
                                      placement_strategy=tcfg.placement_strategy),
         run_config=RunConfig(
             name=run_name, storage_path=storage, callbacks=callbacks,
+            # Ray Train's own INFO lines (worker group, every report and checkpoint) only with --verbose
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
+            worker_runtime_env={"env_vars": worker_env()},
             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep or tcfg.num_to_keep,
-                                               checkpoint_score_attribute="val/mean_acc",
+                                               checkpoint_score_attribute="val/acc",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=tcfg.max_failures),
         ),
     )
 
 
-def load_best_teacher(cfg: Config, data: PreparedData, result) -> tuple[MetaKDModel, dict]:
-    """The best checkpoint of a finished fit (by ``val/mean_acc``) as a model, with its metrics."""
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val/mean_acc"])
-    model = build_teacher(cfg.model.teacher, len(data.labels), len(data.domains), cfg.model.dropout)
+def load_best_teacher(cfg: Config, data: PreparedData, result) -> tuple[MetaKDForSequenceClassification, dict]:
+    """The best checkpoint of a finished fit (by ``val/acc``) as a model, with its metrics."""
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val/acc"])
+    model = build_teacher(cfg.model.teacher, data.labels, data.domains, cfg.model.dropout)
     with best_ckpt.as_directory() as d:
         model.load_state_dict(load_file(Path(d) / "model.safetensors"))
     return model, best_metrics
@@ -243,7 +249,7 @@ def load_best_teacher(cfg: Config, data: PreparedData, result) -> tuple[MetaKDMo
 
 def teacher_key(cfg: Config, data: PreparedData, kind: str, domain: str = "") -> str:
     return content_key(data.key, cfg.hash("model", "teacher", "prototypes", "seed"), cfg.precision,
-                       cfg.data.held_out_domain, kind, domain)[:12]
+                       cfg.data.held_out_domain, kind, domain, SAVE_FORMAT)[:12]
 
 
 def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kind: str, domain: str = "",
@@ -295,7 +301,9 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
         print(f"[teacher] {name}: continuing the unfinished run from {resume}", flush=True)
         config["resume_from"] = str(resume)
     try:
-        result = make_trainer(cfg, config, run_name, storage).fit()
+        with relayed_console() as console:
+            config["console"] = console
+            result = make_trainer(cfg, config, run_name, storage).fit()
     except Exception:
         run.finish("FAILED")
         raise
@@ -315,14 +323,30 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
         "params": count_parameters(model),
         **measure_latency(model, data.splits["test"].for_domains(eval_ids)),
     }
+    card = dict(summary, title=f"metakd-ray teacher: {name}", labels=data.labels,
+                summary=f"The {kind} teacher of `{cfg.name}`, fine-tuned from `{cfg.model.teacher}` "
+                        f"on {', '.join(data.domains[i] for i in domain_ids)}.",
+                data=f"{cfg.data.format}: {', '.join(data.domains[i] for i in domain_ids)}", train_examples=len(train),
+                test_acc=float(np.mean([test_acc[data.domains[i]] for i in domain_ids])),
+                dev_acc=summary["dev_mean_acc"], mlflow_run_id=run.run_id, max_length=cfg.data.max_length,
+                config_hash=cfg.hash())
     with atomic_dir(out_dir / "model") as tmp:
-        save_model(model, tmp, {"kind": kind, "domains": data.domains, "labels": data.labels,
-                                "dropout": cfg.model.dropout}, tokenizer_from=model_path(cfg.model.teacher))
+        save_model(model, tmp, {"kind": kind, "domain": domain or None, "max_length": cfg.data.max_length,
+                                "test_split": str(data.directory / "test.parquet")},
+                   tokenizer_from=model_path(cfg.model.teacher), max_length=cfg.data.max_length)
+        write_model_card(tmp, card)
     atomic_write_json(out_dir / "result.json", summary)
     if store:
         store.put(out_dir, f"teachers/{name}")
-    run.log_metrics({f"final/{d}/{s}": v for d, r in summary["per_domain"].items() for s, v in r.items()})
-    run.log_artifacts(out_dir / "model", "model")
+    metrics = {"dev_acc": summary["dev_mean_acc"], "test_acc": card["test_acc"], "params": summary["params"],
+               **{k: summary[k] for k in ("latency_ms", "latency_b32_ms", "gpu_latency_ms") if k in summary},
+               **{f"{s}/{d}": v for d, r in summary["per_domain"].items() for s, v in r.items()}}
+    run.log_metrics(metrics)
+    run.log_splits({s: data.directory / f"{s}.parquet" for s in ("train", "dev", "test")}, cfg.data.format,
+                   domain or None)
+    example = read_examples(data.directory / "test.parquet", domain or None)
+    run.log_model(out_dir / "model", f"teacher-{name}",
+                  {"text": example.texts[:2], **({"text_pair": example.pairs[:2]} if example.pairs else {})}, metrics)
     run.finish()
     print(f"[teacher] {name}: best step {summary['best_step']}, dev mean acc {summary['dev_mean_acc']:.4f}")
     return summary

@@ -3,12 +3,26 @@
 Ray workers do not inherit ``mlflow.set_tracking_uri``, so every place that logs receives the
 tracking URI and the run id explicitly (``RunRef``). Runs are found again by a ``metakd.key`` tag,
 so resuming a pipeline reuses its runs instead of creating new ones.
+
+MLflow conventions kept: MLflow's own source tags (``mlflow.source.git.commit``, ...); teachers
+and students are logged models (pyfunc: ``text`` in, ``label`` and ``score`` out, with signature
+and input example); the data splits are run inputs; system metrics are sampled while a model
+trains; the dev-best student of each domain is registered as ``metakd-<experiment>-<domain>``
+with the alias ``best``. One metric scheme for teachers and students: ``train/loss``, ``val/acc``
+(the teacher's is the mean over its domains, ``val/<domain>/acc`` each), and at the end
+``dev_acc``, ``test_acc``, ``params``, ``latency_ms``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import getpass
+import logging
 import os
 import subprocess
+import tempfile
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +44,12 @@ class RunRef:
 
         return MlflowClient(self.tracking_uri)
 
-    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict, step: int | None = None, model_id: str | None = None) -> None:
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        items = [Metric(k, float(v), now, step or 0, model_id=model_id, run_id=self.run_id if model_id else None)
+                 for k, v in metrics.items()]
         for i in range(0, len(items), 500):
             self.client().log_batch(self.run_id, metrics=items[i:i + 500])
 
@@ -51,6 +65,64 @@ class RunRef:
 
     def log_artifact(self, local_file: Path, artifact_path: str | None = None) -> None:
         self.client().log_artifact(self.run_id, str(local_file), artifact_path)
+
+    def log_model(self, model_dir: Path, name: str, example: dict, metrics: dict) -> str:
+        """``model_dir`` (a saved teacher or student) as an MLflow logged model of this run; returns
+        its model id. ``example`` holds a few rows of ``text`` (and ``text_pair``) for the input
+        example; ``metrics`` are attached to the model too."""
+        import mlflow
+        import mlflow.pyfunc
+        import torch
+        import transformers
+        from mlflow.entities import LoggedModelOutput
+        from mlflow.models import Model, ModelSignature
+        from mlflow.types import ColSpec, Schema
+
+        import metakd_ray
+
+        client = self.client()
+        experiment = client.get_run(self.run_id).info.experiment_id
+        model = client.create_logged_model(experiment, name=name, source_run_id=self.run_id,
+                                           model_type="text-classification")
+        client.log_outputs(self.run_id, models=[LoggedModelOutput(model.model_id, step=0)])
+        inputs = [ColSpec("string", column) for column in example]
+        signature = ModelSignature(Schema(inputs), Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
+                        f"mlflow=={mlflow.__version__}", "pandas", "pyarrow", "pyyaml", "safetensors"]
+        with tempfile.TemporaryDirectory() as tmp, _quiet("mlflow"):
+            local = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(
+                local, python_model=str(Path(metakd_ray.__file__).parent / "mlflow_model.py"),
+                artifacts={"model": str(model_dir)}, signature=signature,
+                input_example=example, pip_requirements=requirements,
+                code_paths=[str(Path(metakd_ray.__file__).parent)],  # loads where metakd-ray is not installed
+                mlflow_model=Model(artifact_path=model.artifact_location, run_id=self.run_id,
+                                   model_uuid=model.model_id, model_id=model.model_id))
+            client.log_model_artifacts(model.model_id, str(local))
+        client.finalize_logged_model(model.model_id, "READY")
+        self.log_metrics(metrics, model_id=model.model_id)
+        return model.model_id
+
+    def log_splits(self, splits: dict[str, Path], name: str, domain: str | None) -> None:
+        """Each data split (a tokenized parquet, filtered to ``domain``) as an input of this run,
+        with its MLflow context (``training``, ``validation``, ``test``)."""
+        import mlflow.data
+        import pyarrow.parquet as pq
+        from mlflow.entities import DatasetInput, InputTag
+
+        contexts = {"train": "training", "dev": "validation", "test": "test"}
+        inputs = []
+        with _quiet("mlflow"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # notes on integer columns and on how a local path is read
+            for split, path in splits.items():
+                frame = pq.read_table(path, columns=["uid", "domain", "label", "text"]).to_pandas()
+                if domain:
+                    frame = frame[frame["domain"] == domain]
+                dataset = mlflow.data.from_pandas(frame, source=str(path), targets="label",
+                                                  name=f"{name}/{domain or 'all'}/{split}")
+                inputs.append(DatasetInput(dataset._to_mlflow_entity(),
+                                           [InputTag("mlflow.data.context", contexts[split])]))
+        self.client().log_inputs(self.run_id, datasets=inputs)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client().set_terminated(self.run_id, status)
@@ -93,13 +165,91 @@ def open_run(cfg: Config, key: str, name: str, stage: str, parent: RunRef | None
         if found[0].info.status != "RUNNING":
             client.update_run(ref.run_id, status="RUNNING")
         return ref
-    all_tags = {KEY: key, STAGE: stage, "metakd.config_hash": cfg.hash(), "metakd.git_commit": git_commit(),
-                "metakd.name": cfg.name}
+    all_tags = {KEY: key, STAGE: stage, "metakd.config_hash": cfg.hash(), "metakd.name": cfg.name,
+                "mlflow.source.name": "metakd-ray", "mlflow.source.git.commit": git_commit(),
+                "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_ID") else "LOCAL", "mlflow.user": _user()}
     if parent is not None:
         all_tags["mlflow.parentRunId"] = parent.run_id
     all_tags.update(tags or {})
     run = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
     return RunRef(uri, run.info.run_id)
+
+
+@contextlib.contextmanager
+def system_metrics(run: RunRef | None, node: str = ""):
+    """Sample CPU, memory, disk, network (and GPU, with nvidia-ml-py) into ``run`` as
+    ``system/...`` metrics while the block runs, on the machine that runs it."""
+    if run is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    with _quiet("mlflow"):
+        monitor = SystemMetricsMonitor(run.run_id, sampling_interval=5, node_id=node or None,
+                                       tracking_uri=run.tracking_uri)
+        monitor.start()
+    try:
+        yield
+    finally:
+        with _quiet("mlflow"):
+            monitor.finish()
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """MLflow's INFO lines ("Started monitoring system metrics", ...) and its note on how models are
+    serialised are for MLflow's own users."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def register_best(cfg: Config, students: dict) -> dict[str, str]:
+    """Register each domain's dev-best student (``students[method][domain]`` results with a
+    ``model_id``) as a version of ``metakd-<experiment>-<domain>`` and point the alias ``best`` at
+    it; a student already registered is not registered twice. Returns {domain: "name/version"}."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri(cfg))
+    # MLflow's registry finds a logged model through the process-wide tracking URI, not the client's
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    try:
+        return _register(client, cfg, students)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _register(client, cfg: Config, students: dict) -> dict[str, str]:
+    from mlflow.exceptions import MlflowException
+
+    registered = {}
+    for domain in cfg.data.domains:
+        candidates = [(r["dev_acc"], method, r) for method, per in students.items()
+                      for d, r in per.items() if d == domain and r.get("model_id")]
+        if not candidates:
+            continue
+        _, method, best = max(candidates, key=lambda c: c[0])
+        name = f"metakd-{cfg.tracking.experiment}-{domain}"
+        with _quiet("mlflow"):
+            try:
+                client.create_registered_model(name, description=f"metakd-ray students for the {domain} domain "
+                                                                  f"of experiment {cfg.tracking.experiment}")
+            except MlflowException:
+                pass  # registered before
+            found = client.search_model_versions(f"name = '{name}' and run_id = '{best['run_id']}'")
+            version = found[0] if found else client.create_model_version(
+                name, f"models:/{best['model_id']}", run_id=best["run_id"], model_id=best["model_id"],
+                tags={"method": method, "dev_acc": f"{best['dev_acc']:.4f}", "test_acc": f"{best['test_acc']:.4f}"})
+        client.set_registered_model_alias(name, "best", version.version)
+        registered[domain] = f"{name}/{version.version}"
+    return registered
 
 
 def pipeline_run(cfg: Config) -> RunRef:
@@ -120,6 +270,13 @@ def flatten(data: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 def git_commit() -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import random
-import time
 
 import numpy as np
 import torch
@@ -115,33 +114,42 @@ def accuracy_by_domain(model, split: Split, domains: list[str], precision: str =
             for d in sorted(set(split.domain_ids.tolist()))}
 
 
-def measure_latency(model, split: Split, samples: int = 20) -> dict[str, float]:
-    """Median milliseconds to classify one example at batch size 1: ``latency_ms`` on one CPU thread
-    (the deployment figure, comparable whatever process measured it) and, for a model on a GPU,
-    ``gpu_latency_ms`` there too."""
+def measure_latency(model, split: Split, min_run_time: float = 0.3) -> dict[str, float]:
+    """Median milliseconds per forward pass on one CPU thread, fp32, after warm-up: ``latency_ms``
+    at batch size 1 (a typical example of ``split``) and ``latency_b32_ms`` at batch size 32 (the
+    deployment figures, comparable whatever process measured them); for a model on a GPU,
+    ``gpu_latency_ms`` at batch size 1 there too."""
     device = model_device(model)
-    cpu_model = copy.deepcopy(model).cpu() if device.type != "cpu" else model
+    cpu_model = copy.deepcopy(model).cpu().eval() if device.type != "cpu" else model.eval()
+    tensors = split.tensors()
+    typical = int(np.argsort(split.attention_mask.sum(1))[len(split) // 2])  # median length
+    batches = {"latency_ms": [typical], "latency_b32_ms": [i % len(split) for i in range(32)]}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        out = {"latency_ms": _median_ms(cpu_model, split, samples, torch.device("cpu"))}
+        torch.set_num_threads(1)
+        out = {}
+        for name, rows in batches.items():
+            b = batch_at(tensors, rows, torch.device("cpu"))
+            out[name] = time_ms(lambda b=b: forward(cpu_model, b), min_run_time)
     finally:
         torch.set_num_threads(threads)
     if device.type == "cuda":
-        out["gpu_latency_ms"] = _median_ms(model, split, samples, device)
+        b = batch_at(tensors, batches["latency_ms"], device)
+
+        def on_gpu():
+            forward(model, b)
+            torch.cuda.synchronize(device)
+
+        out["gpu_latency_ms"] = time_ms(on_gpu, min_run_time)
     return out
 
 
 @torch.no_grad()
-def _median_ms(model, split: Split, samples: int, device: torch.device) -> float:
-    model.eval()
-    tensors = split.tensors()
-    times = []
-    for i in range(min(samples, len(split))):
-        b = batch_at(tensors, [i], device)
-        t0 = time.perf_counter()
-        forward(model, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(times)) if times else 0.0
+def time_ms(fn, min_run_time: float = 0.5) -> float:
+    """Median milliseconds per call of ``fn`` on one thread, after a warm-up call
+    (``torch.utils.benchmark``, which repeats ``fn`` in blocks until ``min_run_time`` s)."""
+    from torch.utils import benchmark
+
+    fn()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=1)
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1000

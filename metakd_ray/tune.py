@@ -52,7 +52,7 @@ TARGETS = ("teacher", "distill", "joint")
 SECTIONS = {"teacher": ("teacher", "prototypes"), "distill": ("distill", "model"),
             "joint": ("teacher", "prototypes", "distill", "model")}
 TIME_ATTR = {"teacher": "step", "distill": "domains_done", "joint": "domains_done"}
-METRIC = {"teacher": "val/mean_acc", "distill": "mean_dev_acc", "joint": "mean_dev_acc"}
+METRIC = {"teacher": "val/acc", "distill": "mean_dev_acc", "joint": "mean_dev_acc"}
 
 
 class PersistentOptunaSearch(OptunaSearch):
@@ -240,7 +240,7 @@ def joint_trial(params: dict, base: Config, data, embeddings, run_ref: RunRef, s
     torch.set_num_threads(cfg.distill.cpus_per_task)
     with tempfile.TemporaryDirectory() as tmp:
         teacher_dir = Path(tmp) / "teacher"
-        save_model(model, teacher_dir, {"kind": "meta", "dropout": cfg.model.dropout})
+        save_model(model, teacher_dir, {"kind": "meta"})
         teacher, _ = load_model(teacher_dir)
         outputs = {d: str(compute_teacher_outputs(cfg, data, teacher, d, scores, cfg.distill.cache_teacher_targets,
                                                   Path(tmp) / f"{d}.safetensors")) for d in cfg.data.domains}

@@ -7,6 +7,7 @@ the Ray tests train a real pretrained model in seconds; the student is its first
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,14 @@ def kill_session(pid: int) -> None:
                     os.kill(int(entry.name), signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+# What the terminal must not show at default verbosity: progress bars, Ray / Ray Train / MLflow
+# bookkeeping, Python warnings and tracebacks.
+NOISE = re.compile(r"it/s\]|\d+%\||TrainingReport|Checkpoint successfully|core_worker|PreemptionWatcher|"
+                   r"\((TrainController|RayTrainWorker|raylet|_student_task|PlacementGroupCleaner)|INFO mlflow|"
+                   r"Warning:|Traceback|Loading weights|Writing model shards")
+
+
+def noise_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if NOISE.search(line)]

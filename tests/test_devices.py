@@ -79,7 +79,7 @@ def prepared(tiny_config):
 
 def test_teacher_step_runs_on_the_models_device(prepared):
     cfg, data, scores = prepared
-    model = build_teacher(cfg.model.teacher, len(data.labels), len(data.domains)).to(META)
+    model = build_teacher(cfg.model.teacher, data.labels, data.domains).to(META)
     settings = loop_settings(cfg, data, "meta")
     optimizer, scheduler = make_optimizer(model, 1e-4, 0.01, 10, 0.1)
     train = data.splits["train"]
@@ -94,13 +94,13 @@ def test_teacher_step_runs_on_the_models_device(prepared):
 
 def test_evaluation_moves_batches_to_the_model(prepared):
     cfg, data, _ = prepared
-    model = build_teacher(cfg.model.teacher, len(data.labels), len(data.domains)).to(META)
+    model = build_teacher(cfg.model.teacher, data.labels, data.domains).to(META)
     _reaches_copy_back(lambda: accuracy_by_domain(model, data.splits["dev"], data.domains))
 
 
 def test_teacher_pass_runs_on_the_teachers_device(prepared, tmp_path):
     cfg, data, scores = prepared
-    teacher = build_teacher(cfg.model.teacher, len(data.labels), len(data.domains)).to(META)
+    teacher = build_teacher(cfg.model.teacher, data.labels, data.domains).to(META)
     _reaches_copy_back(lambda: compute_teacher_outputs(cfg, data, teacher, "books", scores, True,
                                                        tmp_path / "t.safetensors"))
 
@@ -115,7 +115,7 @@ def test_student_trains_on_its_device(prepared, tmp_path, method, cached):
     """Stage 1 and the first stage-2 steps (cached or live teacher internals, λ, soft labels) run on
     meta; the first dev evaluation then copies predictions back."""
     cfg, data, scores = prepared
-    teacher = build_teacher(cfg.model.teacher, len(data.labels), len(data.domains))
+    teacher = build_teacher(cfg.model.teacher, data.labels, data.domains)
     save_model(teacher, tmp_path / "teacher", {"kind": "meta"})
     outputs = None
     if method != "no_kd":

@@ -6,11 +6,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
-
-from conftest import kill_when
 import torch
 from mlflow import MlflowClient
+from transformers import pipeline
+
+from conftest import kill_when, noise_lines
 from safetensors.torch import load_file
 
 from metakd_ray.config import load_config
@@ -26,7 +29,7 @@ def prepared(tiny_config):
     cfg = load_config(str(tiny_config()))
     data = prepare(cfg, quiet=True)
     scores = compute_prototype_scores(cfg, data, quiet=True)
-    teacher = build_teacher(cfg.model.teacher, 2, len(data.domains))
+    teacher = build_teacher(cfg.model.teacher, data.labels, data.domains)
     return cfg, data, scores, teacher
 
 
@@ -54,14 +57,15 @@ def test_cached_teacher_outputs_match_a_live_teacher(prepared, tmp_path):
 
 def test_student_is_the_teachers_first_layers_and_round_trips(prepared, tmp_path):
     cfg, data, scores, teacher = prepared
-    student = build_student(cfg.model.teacher, "", 1, 384, 2, len(data.domains))
+    student = build_student(cfg.model.teacher, "", 1, 384, data.labels, data.domains)
     assert student.num_layers == 1
     assert torch.equal(student.encoder.encoder.layer[0].attention.self.query.weight,
                        teacher.encoder.encoder.layer[0].attention.self.query.weight)
     assert torch.equal(student.projection.weight, torch.eye(384))
     save_model(student, tmp_path / "s", {"kind": "student"})
     loaded, info = load_model(tmp_path / "s")
-    assert info["projection_dim"] == 384
+    assert loaded.config.projection_dim == 384 and info["kind"] == "student"
+    assert loaded.config.id2label == dict(enumerate(data.labels))
     b = batch_at(data.splits["dev"].tensors(), [0, 1, 2])
     student.eval(), loaded.eval()
     with torch.no_grad():
@@ -140,12 +144,46 @@ def test_run_pipeline_results_agree_with_mlflow(ray_local, tiny_config, capsys):
         for domain, r in per.items():
             run = client.get_run(r["run_id"])
             assert run.data.tags["metakd.method"] == method and run.data.tags["metakd.domain"] == domain
-            assert run.data.metrics["final/test_acc"] == pytest.approx(r["test_acc"])
-            assert run.data.metrics["final/dev_acc"] == pytest.approx(r["dev_acc"])
-            assert any(a.path == "model/model.safetensors" for a in client.list_artifacts(r["run_id"], "model"))
-            assert (cfg.out / "students" / method / domain / "model" / "config.json").is_file()
+            assert run.data.metrics["test_acc"] == pytest.approx(r["test_acc"])
+            assert run.data.metrics["dev_acc"] == pytest.approx(r["dev_acc"])
+            assert run.data.params["distill.temperature"] == str(cfg.distill.temperature)
+            assert run.data.tags["mlflow.source.git.commit"] and run.data.tags["mlflow.source.name"] == "metakd-ray"
+            assert {d.dataset.name.rsplit("/", 1)[1] for d in run.inputs.dataset_inputs} == {"train", "dev", "test"}
+            model = client.get_logged_model(r["model_id"])
+            assert model.source_run_id == r["run_id"] and model.status == "READY"
+            files = [a.path for a in client.list_logged_model_artifacts(r["model_id"])]
+            assert "MLmodel" in files and "input_example.json" in files
+            assert (cfg.out / "students" / method / domain / "model" / "README.md").is_file()
     # both KD methods share one teacher pass per domain
     assert len(list((cfg.out / "teacher_outputs" / "meta").glob("*.safetensors"))) == 2
+    parent_metrics = client.get_run(parent).data.metrics
+    assert parent_metrics["test_acc/meta-kd"] == pytest.approx(np.mean([r["test_acc"] for r in
+                                                                         results["students"]["meta_kd"].values()]))
+    for domain in results["domains"]:  # the dev-best student of each domain, registered
+        best = client.get_model_version_by_alias(f"metakd-{cfg.tracking.experiment}-{domain}", "best")
+        assert best.run_id == max((per[domain] for per in results["students"].values()),
+                                  key=lambda r: r["dev_acc"])["run_id"]
+
+    # The saved student outside the pipeline: `predict`, ONNX fp32 and int8, and a transformers
+    # pipeline give the labels the pipeline's own evaluation scored.
+    student = cfg.out / "students" / "meta_kd" / "books" / "model"
+    test_file = student.parent.parent.parent.parent / "books-test.jsonl"
+    rows = [r for r in pq.read_table(next((cfg.out / "cache").glob("data-*/test.parquet"))).to_pylist()
+            if r["domain"] == "books"]
+    test_file.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(["predict", str(student), "--file", str(test_file), "--json"]) == 0
+    predicted = [json.loads(line)["label"] for line in capsys.readouterr().out.splitlines()]
+    labels = cfg.label_names
+    accuracy = np.mean([labels[r["label"]] == p for r, p in zip(rows, predicted)])
+    assert len(predicted) == len(rows) and accuracy == pytest.approx(results["students"]["meta_kd"]["books"]["test_acc"])
+    classify = pipeline("text-classification", model=str(student))
+    assert [o["label"] for o in classify([r["text"] for r in rows], truncation=True)] == predicted
+    assert main(["export", str(student), "--onnx", "--int8"]) == 0
+    exported = json.loads((student / "onnx" / "export.json").read_text())
+    assert exported["checks"]["onnx fp32"]["label_agreement"] == 1.0
+    assert exported["checks"]["onnx int8"]["label_agreement"] >= 0.97
+    assert [r["model"] for r in exported["speed"]][:2] == ["teacher pytorch fp32", "student pytorch fp32"]
 
 
 def test_killed_driver_reruns_only_missing_students(tiny_config, tmp_path):
@@ -163,6 +201,26 @@ def test_killed_driver_reruns_only_missing_students(tiny_config, tmp_path):
     done_domain = finished[0].parent.name
     assert f"no_kd/{done_domain}: already done" in second.stdout
     assert "1 student(s) on Ray" in second.stdout
+    # a quiet terminal: no progress bars or Ray/MLflow bookkeeping, and the students' progress
+    assert noise_lines(second.stdout + second.stderr) == [], second.stdout + second.stderr
+    assert "[distill] 1/1 done" in second.stdout, second.stdout
     assert finished[0].stat().st_mtime_ns == first_mtime
     results = json.loads((cfg.out / "results.json").read_text())
     assert set(results["students"]["no_kd"]) == {"books", "kitchen"}
+
+
+def test_progress_board_prints_changes_only_with_steps_and_time_left():
+    from metakd_ray.distill import ProgressBoard
+
+    jobs = [StudentJob(m, d) for m in ("meta_kd", "no_kd") for d in ("books", "kitchen")]
+    board = ProgressBoard(jobs, every=20)
+    t0 = board.started
+    running = {"meta_kd/books": (50, 100), "meta_kd/kitchen": (25, 100)}
+    line = board.line(running, now=t0 + 30)
+    # 75 of 400 planned steps in 30 s -> 325 steps left at 2.5 steps/s = 130 s
+    assert line == ("[distill] 0/4 done · running meta_kd/books 50/100, meta_kd/kitchen 25/100 · "
+                    "2 waiting to start · 30s elapsed, about 2m10s left")
+    assert board.line(running, now=t0 + 60) is None  # nothing changed: no heartbeat line
+    assert board.line({"meta_kd/books": (60, 100)}, now=t0 + 35) is None  # changed, but within 20 s
+    board.finish("meta_kd/books", 100)
+    assert board.line({"meta_kd/kitchen": (30, 100)}, force=True, now=t0 + 36).startswith("[distill] 1/4 done")

@@ -86,6 +86,42 @@ def test_generic_csv_loader(tmp_path, capsys):
     assert counts["a"]["train"]["total"] + counts["a"]["dev"]["total"] + counts["a"]["test"]["total"] == 30
 
 
+def test_own_data_template_prepares_a_real_csv(tmp_path, capsys):
+    """`cp own-data` writes the template with its comments; with its data keys pointed at a CSV of
+    real reviews it prepares the splits."""
+    import re
+
+    target = tmp_path / "mine.yaml"
+    assert run_cli(capsys, "presets")[1].count("\n") >= 4
+    assert run_cli(capsys, "cp", "own-data", str(target))[0] == 0
+    assert target.read_text().startswith("# own-data:")
+    assert_one_error(*run_cli(capsys, "cp", "own-data", str(target))[::2], "exists", "--force")
+    rows = ["text,label,domain"]
+    for domain in ("books", "kitchen"):
+        for label in ("positive", "negative"):
+            reviews = (AMAZON / domain / f"{label}.review").read_text(encoding="utf-8", errors="replace")
+            for text in re.findall(r"<review_text>\s*(.*?)\s*</review_text>", reviews, re.S)[:30]:
+                rows.append(f'"{" ".join(text.split()).replace(chr(34), chr(39))}",{label},{domain}')
+    (tmp_path / "my_reviews.csv").write_text("\n".join(rows), encoding="utf-8")
+    code, out, err = run_cli(capsys, "prepare", str(target), f"data.root={tmp_path}", f"output_dir={tmp_path / 'out'}",
+                             "model.teacher=minilm")
+    assert code == 0, err
+    counts = json.loads((tmp_path / "out" / "splits.json").read_text())["counts"]
+    assert sum(counts["kitchen"][s]["total"] for s in ("train", "dev", "test")) == 60
+
+
+def test_options_and_overrides_in_any_order():
+    from metakd_ray.cli import parse
+
+    args = parse(["sweep", "quickstart", "--space", "tune_spaces/distill.yaml", "--trials", "4", "output_dir=X"])
+    assert args.overrides == ["output_dir=X"] and args.trials == 4
+    args = parse(["run", "quickstart", "teacher.epochs=2", "--methods", "tinybert-meta,meta-kd", "seed=3"])
+    assert args.overrides == ["teacher.epochs=2", "seed=3"] and args.methods == "tinybert-meta,meta-kd"
+    from metakd_ray.pipeline import resolve_methods
+
+    assert resolve_methods(args.methods, load_config("quickstart")) == ["tinybert_kd(meta)", "meta_kd"]
+
+
 def test_validate_prints_resolved_config_with_overrides(capsys):
     code, out, _ = run_cli(capsys, "validate", "quickstart", "teacher.epochs=2", "distill.temperature=2")
     assert code == 0 and "epochs: 2.0" in out and "temperature: 2.0" in out
@@ -97,7 +133,9 @@ def test_validate_prints_resolved_config_with_overrides(capsys):
 
 
 @pytest.mark.parametrize("override, needles", [
-    ("teacher.epoch=3", ["teacher.epoch", "unknown"]),
+    ("teacher.epoch=3", ["teacher.epoch", "unknown", "did you mean 'epochs'"]),
+    ("data.domains=[books,kitchn]", ["data.domains", "kitchn", "did you mean 'kitchen'"]),
+    ("distill.methods=[tinybert-mix,meta_kdd]", ["distill.methods", "meta_kdd", "did you mean 'meta_kd'"]),
     ("teacher.lr=fast", ["teacher.lr", "expected a number"]),
     ("teacher.domain_loss_weight=-0.5", ["teacher.domain_loss_weight", ">= 0"]),
     ("distill.domain_weight=-1", ["distill.domain_weight", ">= 0"]),

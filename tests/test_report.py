@@ -21,7 +21,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 def fake_results(name: str, seed: int, accs: dict[str, list[float]], domains=("books", "kitchen")) -> dict:
     return {"name": name, "seed": 42, "student_seed": seed, "domains": list(domains),
-            "teacher": {"meta": {d: {"dev_acc": 0.9, "test_acc": 0.9} for d in domains}},
+            "teacher": {"meta": {d: {"dev_acc": 0.9, "test_acc": 0.9, "params": 7.5e6, "latency_ms": 9.0}
+                                 for d in domains}},
             "students": {m: {d: {"test_acc": a, "dev_acc": a, "params": 1e6, "latency_ms": 2.0}
                              for d, a in zip(domains, values)} for m, values in accs.items()},
             "config": {"data": {"target_fraction": 1.0}}, "source": f"seed{seed}"}
@@ -42,6 +43,8 @@ def test_mean_std_and_meta_kd_margins_are_hand_computable():
     assert rows["meta_kd"]["per_domain"]["books"]["mean"] == pytest.approx(0.75)
     assert rows["meta_kd"]["avg"]["std"] == pytest.approx(np.std([0.85, 0.75], ddof=1))
     assert rows["teacher meta"]["avg"]["mean"] == pytest.approx(0.9)
+    sizes = summarize([setting])["s"]["size_and_speed"]  # 7.5 M / 1 M parameters, 9 ms / 2 ms
+    assert sizes["meta_kd"]["compression"] == pytest.approx(7.5) and sizes["no_kd"]["speedup"] == pytest.approx(4.5)
 
 
 # --------------------------------------------------------------------------- real pipeline runs
@@ -158,7 +161,7 @@ def _importable(module: str) -> bool:
 def test_mlflow_ui_lists_the_pipeline_parent_and_its_child_runs(two_seeds, tmp_path):
     chromium_or_skip()
     from mlflow import MlflowClient
-    from mlflow_ui import capture, mlflow_server
+    from mlflow_ui import capture, mlflow_server, page_text
 
     root, store, outs = two_seeds
     results = json.loads((outs[0] / "results.json").read_text())
@@ -170,10 +173,19 @@ def test_mlflow_ui_lists_the_pipeline_parent_and_its_child_runs(two_seeds, tmp_p
     assert {"student-meta_kd-books", "student-no_kd-kitchen", "teacher-meta"} <= set(child_names)
 
     png = tmp_path / "mlflow-ui.png"
+    student = results["students"]["meta_kd"]["books"]
+    registered = sorted(f"metakd-report-test-{d}" for d in results["domains"])
     with mlflow_server(store, tmp_path / "server.log") as url:
         text = capture(url, results["mlflow"]["experiment_id"], [parent.info.run_name], png, child_names)
+        # the student's run page shows its logged model; the registry lists each domain's best student
+        run_page = page_text(url, f"experiments/{results['mlflow']['experiment_id']}/runs/{student['run_id']}",
+                             ["student-meta_kd-books", "Logged models"], tmp_path / "run.png")
+        registry = page_text(url, "models", registered, tmp_path / "models.png")
     assert parent.info.run_name in text
     for name in child_names:
         assert name in text, f"{name} not listed under its parent:\n{text}"
     assert png.stat().st_size > 20_000
-    shutil.copy(png, root / "mlflow-ui.png")  # kept beside the store for a look after a failure
+    assert "student-meta_kd-books" in run_page
+    assert all(name in registry for name in registered), registry
+    for name in ("mlflow-ui.png", "run.png", "models.png"):  # kept beside the store for a look after a failure
+        shutil.copy(tmp_path / name, root / name)

@@ -77,7 +77,7 @@ def test_damaged_teacher_outputs_are_rebuilt_and_a_node_without_them_fetches_the
     data = prepare(cfg, quiet=True)
     scores = compute_prototype_scores(cfg, data, quiet=True)
     directory = teacher_dir(cfg, "meta")
-    save_model(build_teacher(cfg.model.teacher, 2, len(data.domains)), directory / "model", {"kind": "meta"})
+    save_model(build_teacher(cfg.model.teacher, data.labels, data.domains), directory / "model", {"kind": "meta"})
     atomic_write_json(directory / "result.json", {"key": "k1"})
     path = teacher_outputs_path(cfg, "k1", "meta", "books")
     teacher_outputs_task(cfg, data, "meta", "k1", "books", scores, str(path))
