@@ -5,8 +5,9 @@
 
 Starts a light MLflow server on a free 127.0.0.1 port over the store, opens the experiment in
 Debian's Chromium (driven by Playwright, no browser download), expands the parent runs so their
-child runs show, saves the screenshot and prints the run names the page lists. The server is
-stopped whatever happens.
+child runs show, saves the screenshot and prints the run names the page lists. Then it saves the
+first student's run page (``out-run.png``: metrics, params, inputs, logged model) and the model
+registry (``out-models.png``). The server is stopped whatever happens.
 """
 
 from __future__ import annotations
@@ -130,10 +131,22 @@ def main() -> None:
         sys.exit(f"error: no experiment {args.experiment!r} in {args.tracking_uri}")
     parents = client.search_runs([exp.experiment_id], "tags.`metakd.stage` = 'pipeline'",
                                  order_by=["attributes.start_time ASC"])[:args.expand]
+    students = client.search_runs([exp.experiment_id], "tags.`metakd.stage` = 'student'", max_results=1,
+                                  order_by=["attributes.start_time ASC"])
+    models = sorted({m.name for m in client.search_registered_models()})
     with mlflow_server(args.tracking_uri, args.png.with_suffix(".server.log")) as url:
         text = capture(url, exp.experiment_id, [r.info.run_name for r in parents], args.png)
+        shots = [args.png]
+        if students:  # a student's run page: its metrics, params, inputs and logged model
+            run = students[0]
+            page_text(url, f"experiments/{exp.experiment_id}/runs/{run.info.run_id}", [run.info.run_name],
+                      args.png.with_name(f"{args.png.stem}-run.png"))
+            shots.append(args.png.with_name(f"{args.png.stem}-run.png"))
+        if models:  # the model registry
+            page_text(url, "models", models, args.png.with_name(f"{args.png.stem}-models.png"))
+            shots.append(args.png.with_name(f"{args.png.stem}-models.png"))
     print(text)
-    print(f"screenshot: {args.png}")
+    print(f"screenshots: {', '.join(map(str, shots))}")
 
 
 if __name__ == "__main__":

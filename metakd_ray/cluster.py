@@ -93,10 +93,9 @@ def verbose() -> bool:
 
 
 def worker_env() -> dict[str, str]:
-    """Environment of every worker and task: no download or upload progress bars; print() in a
-    Ray Train worker printed once (Ray's print patch would also echo it through its logger); and,
-    unless verbose, no INFO lines from MLflow nor error-level lines from Ray's C++ core that
-    describe Ray's own bookkeeping (failures still surface as exceptions)."""
+    """Environment of the workers and tasks of a local Ray (a cluster's job brings its own): no
+    download or upload progress bars; print() in a Ray Train worker printed once (Ray's print
+    patch would also echo it through its logger); MLflow's INFO lines only when verbose."""
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     env.update(METAKD_VERBOSE="1") if verbose() else env.update(MLFLOW_LOGGING_LEVEL="WARNING")

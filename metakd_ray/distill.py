@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from metakd_ray import losses
-from metakd_ray.cluster import (autocast, init_ray, prepare_device, resolve_precision, start_console, task_device,
-                                worker_env)
+from metakd_ray.cluster import autocast, init_ray, prepare_device, resolve_precision, start_console, task_device
 from metakd_ray.config import Config, model_path
 from metakd_ray.data.prepare import PreparedData, Split, subsample_fraction
 from metakd_ray.deploy import read_examples
@@ -398,7 +397,6 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
     dcfg = cfg.distill
     options = {"num_cpus": dcfg.cpus_per_task, "num_gpus": dcfg.gpus_per_task, "max_retries": dcfg.max_retries,
                "retry_exceptions": True}
-    options["runtime_env"] = {"env_vars": worker_env()}
     outputs_remote = ray.remote(teacher_outputs_task).options(**options)
     student_remote = ray.remote(_student_task).options(**options)
     data_ref, scores_ref = ray.put(data), ray.put(scores)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from metakd_ray import losses
 from metakd_ray.cluster import (autocast, init_ray, is_remote, latest_checkpoint, prepare_device, resolve_precision,
-                                relayed_console, say_to, storage_path, task_device, verbose, worker_env)
+                                relayed_console, say_to, storage_path, task_device, verbose)
 from metakd_ray.config import Config, model_path
 from metakd_ray.data.prepare import PreparedData, Split
 from metakd_ray.deploy import read_examples
@@ -229,7 +229,6 @@ def make_trainer(cfg: Config, loop_config: dict, run_name: str, storage: str, ca
             name=run_name, storage_path=storage, callbacks=callbacks,
             # Ray Train's own INFO lines (worker group, every report and checkpoint) only with --verbose
             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
-            worker_runtime_env={"env_vars": worker_env()},
             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep or tcfg.num_to_keep,
                                                checkpoint_score_attribute="val/acc",
                                                checkpoint_score_order="max"),

@@ -89,11 +89,11 @@ class RunRef:
         signature = ModelSignature(Schema(inputs), Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
         requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
                         f"mlflow=={mlflow.__version__}", "pandas", "pyarrow", "pyyaml", "safetensors"]
-        with tempfile.TemporaryDirectory() as tmp, _quiet("mlflow"):
+        with tempfile.TemporaryDirectory() as tmp, _quiet("mlflow"), _working_directory(tmp):
             local = Path(tmp) / "model"
             mlflow.pyfunc.save_model(
                 local, python_model=str(Path(metakd_ray.__file__).parent / "mlflow_model.py"),
-                artifacts={"model": str(model_dir)}, signature=signature,
+                artifacts={"model": str(Path(model_dir).absolute())}, signature=signature,
                 input_example=example, pip_requirements=requirements,
                 code_paths=[str(Path(metakd_ray.__file__).parent)],  # loads where metakd-ray is not installed
                 mlflow_model=Model(artifact_path=model.artifact_location, run_id=self.run_id,
@@ -193,6 +193,23 @@ def system_metrics(run: RunRef | None, node: str = ""):
     finally:
         with _quiet("mlflow"):
             monitor.finish()
+
+
+@contextlib.contextmanager
+def _working_directory(directory: str):
+    """Run the block from ``directory``. MLflow's save_model reads the working directory, and in a
+    `ray job submit` driver that directory (the job's unpacked working_dir) can be gone by the time
+    a model is logged."""
+    try:
+        previous = os.getcwd()
+    except FileNotFoundError:
+        previous = None
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        if previous:
+            os.chdir(previous)
 
 
 @contextlib.contextmanager

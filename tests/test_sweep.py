@@ -95,7 +95,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_config, tmp
     config = tiny_config(distill={"cpus_per_task": 2})  # one trial at a time
     cfg = load_config(str(config))
     space = write_space(tmp_path, SMALL_SPACE)
-    cmd = [sys.executable, "-m", "metakd_ray.cli", "sweep", str(config), "--space", space, "--trials", "4",
+    cmd = [sys.executable, "-m", "metakd_ray.cli", "sweep", str(config), "--space", space, "--trials", "3",
            "--concurrency", "1", "--name", "resumable", "--no-asha"]
     env = dict(os.environ, RAY_ADDRESS="")
     storage = f"sqlite:///{cfg.out / 'sweeps' / 'resumable' / 'optuna.db'}"
@@ -108,19 +108,19 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_config, tmp
         return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
     log = tmp_path / "first.log"
-    kill_when(cmd, log, lambda: len(finished_trials()) >= 2, timeout=500, poll=1)
+    kill_when(cmd, log, lambda: len(finished_trials()) >= 1, timeout=500, poll=1)
     before = finished_trials()
-    assert len(before) >= 2, log.read_text()[-3000:]
+    assert len(before) >= 1, log.read_text()[-3000:]
     client = MlflowClient(f"sqlite:///{cfg.out / 'mlflow.db'}")
     done_runs = {r.info.run_id: r.info.end_time for r in client.search_runs(
         [client.get_experiment_by_name("metakd-ray").experiment_id],
         "tags.`metakd.stage` = 'trial' and attributes.status = 'FINISHED'")}
-    assert len(done_runs) >= 2
+    assert len(done_runs) >= 1
 
     second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     trials = list(csv_rows(cfg.out / "sweeps" / "resumable" / "trials.csv"))
-    assert len(trials) == 4
+    assert len(trials) == 3
     for run_id, end_time in done_runs.items():
         assert client.get_run(run_id).info.end_time == end_time, "a finished trial was re-run"
 

@@ -62,7 +62,7 @@ def test_teacher_trains_logs_to_mlflow_and_skips_when_done(ray_local, tiny_confi
 def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_config):
     from ray.util.state import list_actors
 
-    cfg = load_config(str(tiny_config(teacher={"epochs": 8, "eval_every": 4, "max_failures": 2})))
+    cfg = load_config(str(tiny_config(teacher={"epochs": 3, "eval_every": 4, "max_failures": 2})))
     data = prepare(cfg, quiet=True)
     scores = compute_prototype_scores(cfg, data, quiet=True)
     parent = pipeline_run(cfg)
@@ -82,7 +82,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_config):
     finally:
         thread.join(timeout=600)
     assert "r" in outcome, "training did not finish after the worker was killed"
-    total_steps = 8 * 12
+    total_steps = 3 * 12
     steps = [m.step for m in _history(cfg, outcome["r"]["run_id"], "val/acc")]
     assert steps[-1] == total_steps
     assert steps.count(4) == 1, f"training restarted from scratch: {steps}"
@@ -93,7 +93,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_config):
 
 def test_interrupted_teacher_run_resumes_on_rerun(tiny_config, tmp_path):
     """Kill the whole driver mid-training; the same command continues from the last checkpoint."""
-    config = tiny_config(teacher={"epochs": 8, "eval_every": 4})
+    config = tiny_config(teacher={"epochs": 3, "eval_every": 4})
     cfg = load_config(str(config))
     env = dict(os.environ, RAY_ADDRESS="")
     cmd = [sys.executable, "-m", "metakd_ray.cli", "teacher", str(config)]
