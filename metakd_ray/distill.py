@@ -458,6 +458,7 @@ class ProgressBoard:
         self.names = [job.name for job in jobs]
         self.done: dict[str, int] = {}  # name -> total steps it took
         self.started = time.time()
+        self.first: tuple[float, int] | None = None  # (time, steps taken) when steps were first seen
         self.every, self.last_time, self.last_state = every, 0.0, None
 
     def finish(self, name: str, steps: int = 0) -> None:
@@ -478,19 +479,22 @@ class ProgressBoard:
         if queued:
             parts.append(f"{len(queued)} waiting to start")
         parts.append(f"{_duration(elapsed)} elapsed" + (f", about {_duration(left)} left"
-                                                          if (left := self.time_left(running, queued, elapsed))
+                                                          if (left := self.time_left(running, queued, now))
                                                           is not None else ""))
         return " · ".join(parts)
 
-    def time_left(self, running: dict, queued: list, elapsed: float) -> float | None:
-        """Remaining steps at the rate of all steps so far; a queued student is assumed to take as
-        many steps as the students known so far, on average."""
+    def time_left(self, running: dict, queued: list, now: float) -> float | None:
+        """Remaining steps at the rate of the steps taken since steps were first seen (start-up and
+        teacher passes are not steps); a student not started yet is assumed to take as many steps
+        as the students known so far, on average."""
         known = list(self.done.values()) + [t for _, t in running.values()]
         taken = sum(self.done.values()) + sum(s for s, _ in running.values())
-        if not taken or not known or not (running or queued):
+        if taken and self.first is None:
+            self.first = (now, taken)
+        if not known or not (running or queued) or self.first is None or taken <= self.first[1]:
             return None
         remaining = sum(t - s for s, t in running.values()) + len(queued) * sum(known) / len(known)
-        return remaining * elapsed / taken
+        return remaining * (now - self.first[0]) / (taken - self.first[1])
 
 
 def _duration(seconds: float) -> str:

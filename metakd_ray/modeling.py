@@ -63,9 +63,11 @@ class MetaKDForSequenceClassification(PreTrainedModel):
     base_model_prefix = "metakd"
     _supports_sdpa = True
 
-    def __init__(self, config: MetaKDConfig):
+    def __init__(self, config: MetaKDConfig, encoder=None):
+        """``encoder``: an already loaded (pretrained) encoder; by default one is built from
+        ``config.encoder`` for ``from_pretrained`` to fill."""
         super().__init__(config)
-        self.encoder = AutoModel.from_config(encoder_config(config))
+        self.encoder = encoder if encoder is not None else AutoModel.from_config(encoder_config(config))
         width = self.encoder.config.hidden_size
         self.classifier = nn.Linear(width, config.num_labels)
         self.domain_embedding = nn.Embedding(config.num_domains, width)

@@ -50,9 +50,7 @@ def wrap_encoder(encoder, labels: list[str], domains: list[str], projection_dim:
     config = MetaKDConfig(encoder=encoder.config.to_dict(), num_domains=len(domains), projection_dim=projection_dim,
                           classifier_dropout=dropout, id2label=dict(enumerate(labels)),
                           label2id={label: i for i, label in enumerate(labels)}, metakd={"domains": list(domains)})
-    model = MetaKDForSequenceClassification(config)
-    model.encoder = encoder
-    return model
+    return MetaKDForSequenceClassification(config, encoder)
 
 
 def build_teacher(name: str, labels: list[str], domains: list[str], dropout: float = 0.1):

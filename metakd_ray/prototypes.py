@@ -23,7 +23,8 @@ from metakd_ray.config import Config, model_path
 from metakd_ray.data.prepare import PreparedData
 from metakd_ray.io import atomic_dir, content_key, read_parquet
 from metakd_ray.models import load_encoder
-from metakd_ray.scores import (mean_pool, prototype_scores_per_class, prototype_scores_per_domain,
+from metakd_ray.modeling import mean_pool
+from metakd_ray.scores import (prototype_scores_per_class, prototype_scores_per_domain,
                                prototype_scores_unseen)
 from metakd_ray.training import batch_at
 

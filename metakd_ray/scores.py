@@ -8,9 +8,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# defined with the model, so a saved model's code needs only torch and transformers
-from metakd_ray.modeling import mean_pool  # noqa: F401 - the prototypes' sentence embedding
-
 
 def prototype_scores_per_class(emb: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor,
                                alpha: float = 0.5, zeta: float = 0.5) -> torch.Tensor:

@@ -231,7 +231,6 @@ def register_best(cfg: Config, students: dict) -> dict[str, str]:
     it; a student already registered is not registered twice. Returns {domain: "name/version"}."""
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri(cfg))
     # MLflow's registry finds a logged model through the process-wide tracking URI, not the client's

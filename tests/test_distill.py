@@ -215,12 +215,15 @@ def test_progress_board_prints_changes_only_with_steps_and_time_left():
     jobs = [StudentJob(m, d) for m in ("meta_kd", "no_kd") for d in ("books", "kitchen")]
     board = ProgressBoard(jobs, every=20)
     t0 = board.started
+    # the first steps are seen at 10 s (after start-up): no rate yet
+    assert board.line({"meta_kd/books": (5, 100)}, now=t0 + 10) == ("[distill] 0/4 done · running meta_kd/books 5/100"
+                                                                    " · 3 waiting to start · 10s elapsed")
     running = {"meta_kd/books": (50, 100), "meta_kd/kitchen": (25, 100)}
-    line = board.line(running, now=t0 + 30)
-    # 75 of 400 planned steps in 30 s -> 325 steps left at 2.5 steps/s = 130 s
+    line = board.line(running, now=t0 + 40)
+    # 70 steps in the 30 s since then: 325 of the 400 planned steps left at 7/3 steps/s = 139 s
     assert line == ("[distill] 0/4 done · running meta_kd/books 50/100, meta_kd/kitchen 25/100 · "
-                    "2 waiting to start · 30s elapsed, about 2m10s left")
-    assert board.line(running, now=t0 + 60) is None  # nothing changed: no heartbeat line
-    assert board.line({"meta_kd/books": (60, 100)}, now=t0 + 35) is None  # changed, but within 20 s
+                    "2 waiting to start · 40s elapsed, about 2m19s left")
+    assert board.line(running, now=t0 + 70) is None  # nothing changed: no heartbeat line
+    assert board.line({"meta_kd/books": (60, 100)}, now=t0 + 45) is None  # changed, but within 20 s
     board.finish("meta_kd/books", 100)
-    assert board.line({"meta_kd/kitchen": (30, 100)}, force=True, now=t0 + 36).startswith("[distill] 1/4 done")
+    assert board.line({"meta_kd/kitchen": (30, 100)}, force=True, now=t0 + 46).startswith("[distill] 1/4 done")
