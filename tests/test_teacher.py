@@ -59,6 +59,7 @@ def test_teacher_trains_logs_to_mlflow_and_skips_when_done(ray_local, tiny_confi
     assert len(runs) == 1
 
 
+@pytest.mark.slow  # the default run covers this on two nodes: test_job_survives_losing_a_node_during_teacher_training
 def test_killed_worker_resumes_from_checkpoint(ray_local, tiny_config):
     from ray.util.state import list_actors
 
