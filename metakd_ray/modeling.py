@@ -13,7 +13,7 @@ hidden states and the domain vector.
 A saved model is an ordinary Hugging Face directory (``config.json`` with ``id2label``,
 ``model.safetensors``, the tokenizer and this file), so
 
-    import metakd_ray                                   # registers the Auto classes
+    import metakd_ray.modeling                          # registers the Auto classes
     pipeline("text-classification", model=directory)
 
 gives the trained head's predictions, and without metakd-ray installed ``trust_remote_code=True``

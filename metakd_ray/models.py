@@ -135,7 +135,7 @@ def write_model_card(directory: Path, info: dict) -> None:
         *[f"| {k} | {_card_value(v)} |" for k, v in rows], "",
         f"Labels: {', '.join(labels)}." if labels else "", "",
         "## Use", "", "```python",
-        "import metakd_ray  # registers the model class (or pass trust_remote_code=True without metakd-ray)",
+        "import metakd_ray.modeling  # registers the model class (or pass trust_remote_code=True without metakd-ray)",
         "from transformers import pipeline", "",
         "classify = pipeline(\"text-classification\", model=\"path/to/this/directory\")",
         "classify([\"An example review.\"], truncation=True)", "```", "",
