@@ -98,7 +98,10 @@ def worker_env() -> dict[str, str]:
     patch would also echo it through its logger); MLflow's INFO lines only when verbose."""
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    env.update(METAKD_VERBOSE="1") if verbose() else env.update(MLFLOW_LOGGING_LEVEL="WARNING")
+    if verbose():
+        env["METAKD_VERBOSE"] = "1"
+    else:
+        env["MLFLOW_LOGGING_LEVEL"] = "WARNING"
     return env
 
 

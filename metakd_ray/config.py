@@ -268,8 +268,9 @@ def _resolve_source(source: str) -> Path:
         return path
     preset = PRESET_DIR / f"{source}.yaml"
     if not preset.is_file():
-        raise MetaKDError(f"config {source!r} is neither a YAML file nor a preset{did_you_mean(source, preset_names())} "
-                          f"(presets: {', '.join(preset_names())}; list them with `metakd-ray presets`)")
+        raise MetaKDError(f"config {source!r} is neither a YAML file nor a preset"
+                          f"{did_you_mean(source, preset_names())} (presets: {', '.join(preset_names())}; "
+                          "list them with `metakd-ray presets`)")
     return preset
 
 

@@ -202,7 +202,8 @@ def export(model_dir: Path, int8: bool, file: Path | None = None, teacher_dir: P
     variants = {"onnx fp32": export_onnx(classifier, out_dir / "model.onnx")}
     if int8:
         variants["onnx int8"] = quantize_int8(variants["onnx fp32"], out_dir / "model-int8.onnx")
-    print(f"[export] checking against PyTorch on {len(examples.texts)} examples from {examples_source(model_dir, file)}")
+    source = file or "the model's test split"
+    print(f"[export] checking against PyTorch on {len(examples.texts)} examples from {source}")
     checks = {}
     for name, path in variants.items():
         logits = onnx_logits(onnx_session(path), classifier, examples)
@@ -234,10 +235,6 @@ def _check_examples(classifier: Classifier, model_dir: Path, file: Path | None) 
     if not examples.texts:
         raise MetaKDError(f"export: {source} has no examples for domain {classifier.info.get('domain')!r}")
     return examples
-
-
-def examples_source(model_dir: Path, file: Path | None) -> str:
-    return str(file) if file else "the model's test split"
 
 
 def default_teacher(model_dir: Path, info: dict) -> Path | None:

@@ -34,7 +34,6 @@ from metakd_ray import losses
 from metakd_ray.cluster import autocast, init_ray, prepare_device, resolve_precision, start_console, task_device
 from metakd_ray.config import Config, model_path
 from metakd_ray.data.prepare import PreparedData, Split, subsample_fraction
-from metakd_ray.deploy import read_examples
 from metakd_ray.errors import MetaKDError
 from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json, safetensors_whole
 from metakd_ray.methods import Method, method, teacher_name
@@ -509,7 +508,8 @@ def _save_student(cfg: Config, data: PreparedData, job: StudentJob, files: dict,
     directory = student_dir(cfg, job.method, job.domain)
     metrics = {k: result[k] for k in ("dev_acc", "test_acc", "params", "latency_ms", "latency_b32_ms",
                                       "gpu_latency_ms") if k in result}
-    if reference and reference.get("params"):  # the teacher it distilled from (the meta-teacher for no_kd): how much smaller and faster
+    # how much smaller and faster than the teacher it distilled from (the meta-teacher for no_kd)
+    if reference and reference.get("params"):
         metrics["compression"] = reference["params"] / result["params"]
         metrics["speedup"] = reference["latency_ms"] / result["latency_ms"]
     with atomic_dir(directory / "model") as tmp:
@@ -521,16 +521,15 @@ def _save_student(cfg: Config, data: PreparedData, job: StudentJob, files: dict,
                                            f"({cfg.model.student_layers} layers of `{cfg.model.teacher}`).",
                                    data=f"{cfg.data.format}: {job.domain}", max_length=cfg.data.max_length,
                                    config_hash=cfg.hash()))
+    settings = cfg.to_dict()
     run.log_params(flatten({"method": job.method, "domain": job.domain, "teacher": result["teacher"],
                             "train_examples": result["train_examples"], "device": result["device"],
                             "precision": result["precision"], "seed": cfg.student_seed,
-                            "distill": cfg.to_dict()["distill"], "model": cfg.to_dict()["model"]}))
+                            "distill": settings["distill"], "model": settings["model"]}))
     run.log_metrics(metrics)
-    run.log_splits({s: data.directory / f"{s}.parquet" for s in ("train", "dev", "test")}, cfg.data.format, job.domain)
-    example = read_examples(data.directory / "test.parquet", job.domain)
-    rows = {"text": example.texts[:2], **({"text_pair": example.pairs[:2]} if example.pairs else {})}
-    result = dict(result, **metrics, model_id=run.log_model(directory / "model", f"student-{job.method}-{job.domain}",
-                                                           rows, metrics))
+    model_id = run.log_trained_model(directory / "model", f"student-{job.method}-{job.domain}", metrics,
+                                     data.directory, cfg.data.format, job.domain)
+    result = dict(result, **metrics, model_id=model_id)
     run.finish()
     atomic_write_json(directory / "result.json", result)
     if store:

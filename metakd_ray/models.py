@@ -104,8 +104,8 @@ def load_model(directory: Path) -> tuple[MetaKDForSequenceClassification, dict]:
     """The model of a saved directory (fp32, eval mode) and its ``metakd`` provenance."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
-        raise MetaKDError(f"{directory} is not a model directory (no config.json); expected a "
-                          "metakd-ray teacher or student directory, e.g. outputs/<name>/students/<method>/<domain>/model")
+        raise MetaKDError(f"{directory} is not a model directory (no config.json); expected a metakd-ray teacher "
+                          "or student directory, e.g. outputs/<name>/students/<method>/<domain>/model")
     quiet_transformers()
     try:
         model = MetaKDForSequenceClassification.from_pretrained(directory, dtype=torch.float32)

@@ -32,7 +32,6 @@ from metakd_ray.cluster import (autocast, init_ray, is_remote, latest_checkpoint
                                 relayed_console, say_to, storage_path, task_device, verbose)
 from metakd_ray.config import Config, model_path
 from metakd_ray.data.prepare import PreparedData, Split
-from metakd_ray.deploy import read_examples
 from metakd_ray.errors import MetaKDError
 from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json
 from metakd_ray.methods import teacher_name
@@ -196,7 +195,8 @@ def loop_settings(cfg: Config, data: PreparedData, kind: str) -> dict:
     """Everything ``train_loop_per_worker`` needs besides the data and the MLflow run."""
     tcfg = cfg.teacher
     return {"threads": tcfg.cpus_per_worker, "seed": cfg.seed, "model_name": cfg.model.teacher,
-            "labels": data.labels, "domains": data.domains, "dropout": cfg.model.dropout, "batch_size": tcfg.batch_size, "epochs": tcfg.epochs, "lr": tcfg.lr,
+            "labels": data.labels, "domains": data.domains, "dropout": cfg.model.dropout,
+            "batch_size": tcfg.batch_size, "epochs": tcfg.epochs, "lr": tcfg.lr,
             "weight_decay": tcfg.weight_decay, "warmup_fraction": tcfg.warmup_fraction,
             "max_grad_norm": tcfg.max_grad_norm,
             "eval_every": tcfg.eval_every, "log_every": LOG_EVERY, "precision": cfg.precision,
@@ -341,11 +341,8 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
                **{k: summary[k] for k in ("latency_ms", "latency_b32_ms", "gpu_latency_ms") if k in summary},
                **{f"{s}/{d}": v for d, r in summary["per_domain"].items() for s, v in r.items()}}
     run.log_metrics(metrics)
-    run.log_splits({s: data.directory / f"{s}.parquet" for s in ("train", "dev", "test")}, cfg.data.format,
-                   domain or None)
-    example = read_examples(data.directory / "test.parquet", domain or None)
-    run.log_model(out_dir / "model", f"teacher-{name}",
-                  {"text": example.texts[:2], **({"text_pair": example.pairs[:2]} if example.pairs else {})}, metrics)
+    run.log_trained_model(out_dir / "model", f"teacher-{name}", metrics, data.directory, cfg.data.format,
+                          domain or None)
     run.finish()
     print(f"[teacher] {name}: best step {summary['best_step']}, dev mean acc {summary['dev_mean_acc']:.4f}")
     return summary

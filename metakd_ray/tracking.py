@@ -60,11 +60,20 @@ class RunRef:
         for i in range(0, len(items), 100):
             self.client().log_batch(self.run_id, params=items[i:i + 100])
 
-    def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
-        self.client().log_artifacts(self.run_id, str(local_dir), artifact_path)
-
     def log_artifact(self, local_file: Path, artifact_path: str | None = None) -> None:
         self.client().log_artifact(self.run_id, str(local_file), artifact_path)
+
+    def log_trained_model(self, model_dir: Path, name: str, metrics: dict, data_dir: Path, data_name: str,
+                          domain: str | None) -> str:
+        """A saved teacher or student with the data it saw: the train/dev/test splits of
+        ``data_dir`` (filtered to ``domain``) as run inputs, then the model, with two test rows as
+        its input example. Returns the model id."""
+        from metakd_ray.deploy import read_examples
+
+        self.log_splits({s: data_dir / f"{s}.parquet" for s in ("train", "dev", "test")}, data_name, domain)
+        example = read_examples(data_dir / "test.parquet", domain)
+        rows = {"text": example.texts[:2], **({"text_pair": example.pairs[:2]} if example.pairs else {})}
+        return self.log_model(model_dir, name, rows, metrics)
 
     def log_model(self, model_dir: Path, name: str, example: dict, metrics: dict) -> str:
         """``model_dir`` (a saved teacher or student) as an MLflow logged model of this run; returns
