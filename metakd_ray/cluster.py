@@ -46,9 +46,13 @@ class Console:
 
 
 def start_console():
+    """A ``Console`` on the driver's own node: a worker node can be lost mid-run (the teacher then
+    resumes from its checkpoint), and the lines saying so must not be lost with it."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(Console).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(Console).options(scheduling_strategy=here).remote()
 
 
 @contextlib.contextmanager

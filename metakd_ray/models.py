@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from metakd_ray.config import model_path
 from metakd_ray.errors import MetaKDError
 from metakd_ray.modeling import MetaKDConfig, MetaKDForSequenceClassification
 
 CARD_FILE = "README.md"
+FIT_FILE = "fit.safetensors"  # a general-distilled student's W_fit, beside its encoder
 # part of every teacher and student cache key: a directory saved in an older layout is retrained
 SAVE_FORMAT = "hf-metakd-1"
 
@@ -59,14 +61,23 @@ def build_teacher(name: str, labels: list[str], domains: list[str], dropout: flo
 
 def build_student(teacher_name: str, student_init: str, student_layers: int, teacher_width: int,
                   labels: list[str], domains: list[str], dropout: float = 0.1,
-                  trained_teacher: Path | None = None) -> MetaKDForSequenceClassification:
+                  trained_teacher: Path | None = None, general: Path | None = None) -> MetaKDForSequenceClassification:
     """The student's starting point (``model.student_init``):
 
-    ""          the first ``student_layers`` layers of the pretrained teacher checkpoint;
-    "teacher"   the first layers and the heads of the trained teacher it distils from (no_kd,
-                which has no teacher, falls back to the pretrained checkpoint);
-    a path/id   any Hugging Face checkpoint.
+    "" / "pretrained"  the first ``student_layers`` layers of the pretrained teacher checkpoint;
+    "teacher"          the first layers and the heads of the trained teacher it distils from (no_kd,
+                       which has no teacher, falls back to the pretrained checkpoint);
+    "general"          the general-distilled student in ``general`` (``metakd_ray.general``), its
+                       W_fit included;
+    a path/id          any Hugging Face checkpoint.
     """
+    if student_init == "general":
+        if general is None:
+            raise MetaKDError("model.student_init is 'general' but no general-distilled student was given")
+        student = wrap_encoder(load_encoder(str(general / "encoder")), labels, domains,
+                               projection_dim=teacher_width, dropout=dropout)
+        student.projection.load_state_dict(load_file(general / FIT_FILE))
+        return student
     if student_init == "teacher" and trained_teacher is not None:
         teacher, _ = load_model(trained_teacher)
         student = wrap_encoder(load_encoder(model_path(teacher_name), student_layers), labels, domains,
@@ -74,7 +85,7 @@ def build_student(teacher_name: str, student_init: str, student_layers: int, tea
         # the teacher's first layers and heads; its deeper layers have no place in the student
         student.load_state_dict(teacher.state_dict(), strict=False)
         return student
-    if student_init and student_init != "teacher":
+    if student_init not in ("", "pretrained", "teacher"):
         encoder = load_encoder(model_path(student_init))
     else:
         encoder = load_encoder(model_path(teacher_name), student_layers)

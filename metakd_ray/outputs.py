@@ -1,5 +1,6 @@
 """Where every output lives: the output directory's layout, and its copy under ``ray.storage_path``.
 
+    <output_dir>/general/<key>/{encoder/, fit.safetensors, result.json}   general-distilled student
     <output_dir>/teachers/<name>/{model/, result.json}            name: meta, mix, single-<domain>
     <output_dir>/teacher_outputs/<name>/<domain>-<key>.safetensors
     <output_dir>/students/<method>/<domain>/{model/, result.json}
@@ -33,8 +34,27 @@ def teacher_dir(cfg: Config, name: str) -> Path:
 
 def teacher_finished(directory: Path, key: str) -> bool:
     """A teacher directory holds the finished teacher of ``key``: its result names the key and its model is there."""
+    return finished(directory, key) and (directory / "model").is_dir()
+
+
+def finished(directory: Path, key: str) -> bool:
+    """``directory`` holds a finished output of ``key``: its ``result.json`` (written last) names the key."""
     done = read_json(directory / "result.json")
-    return bool(done and done.get("key") == key and (directory / "model").is_dir())
+    return bool(done and done.get("key") == key)
+
+
+def fetch(cfg: Config, rel: str, key: str) -> Path | None:
+    """The finished output ``<output_dir>/<rel>`` of ``key`` on this node: the driver's copy when
+    this node sees it, else a copy fetched from ``ray.storage_path`` into a node-local cache;
+    None when neither has it."""
+    local = cfg.out / rel
+    if finished(local, key):
+        return local
+    store = Store.of(cfg)
+    cache = node_cache(f"{rel.replace('/', '-')}-{key}")
+    if finished(cache, key) or (store and store.get(rel, cache) and finished(cache, key)):
+        return cache
+    return None
 
 
 def student_dir(cfg: Config, method: str, domain: str) -> Path:

@@ -1,4 +1,4 @@
-"""The whole Meta-KD pipeline: prepare -> prototypes -> teacher(s) -> students -> results.json.
+"""The whole Meta-KD pipeline: prepare -> prototypes -> teacher(s) -> general student -> students -> results.json.
 
     metakd-ray run quickstart                      # meta_kd and no_kd students
     metakd-ray run amazon --methods all            # the paper's table rows
@@ -18,6 +18,7 @@ from metakd_ray.config import Config
 from metakd_ray.data.prepare import prepare
 from metakd_ray.distill import StudentJob, run_students
 from metakd_ray.errors import MetaKDError
+from metakd_ray.general import ensure_general
 from metakd_ray.io import atomic_write_json, text_table
 from metakd_ray.methods import METHODS, TEACHER_KINDS, method, teacher_name
 from metakd_ray.outputs import Store, student_dir, teacher_dir
@@ -70,8 +71,9 @@ def run_pipeline(cfg: Config, methods: list[str], fresh: bool = False, teachers_
     teachers = train_teachers(cfg, data, scores, needed, parent, fresh)
     if teachers_only:
         return {"teachers": teachers}
+    general = ensure_general(cfg, data, parent) if cfg.model.student_init == "general" else None
     jobs = [StudentJob(m, d) for m in methods for d in cfg.data.domains]
-    students, failures = run_students(cfg, data, jobs, teachers, scores, parent)
+    students, failures = run_students(cfg, data, jobs, teachers, scores, parent, general)
     results = assemble_results(cfg, data.domains, teachers, students, parent, failures, store)
     parent.log_metrics(summary_metrics(results))
     results["registered"] = register_best(cfg, students)
@@ -110,7 +112,8 @@ def assemble_results(cfg: Config, domains: list[str], teachers: dict, students: 
             teacher_table.setdefault(kind, {})[domain] = cell
     student_table = {
         method: {domain: {k: r[k] for k in ("dev_acc", "test_acc", "params", "latency_ms", "latency_b32_ms",
-                                            "compression", "speedup", "train_examples", "run_id", "model_id")
+                                            "compression", "speedup", "train_examples", "run_id", "model_id",
+                                            "test_correct")
                           if k in r}
                  for domain, r in per.items()}
         for method, per in students.items()

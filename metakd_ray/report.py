@@ -93,11 +93,61 @@ def seed_means(cells: np.ndarray) -> np.ndarray:
     return np.array([row.mean() for row in cells if np.isfinite(row).all()])
 
 
+def paired_bootstrap(diffs: list[np.ndarray], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Paired difference of two students with a 95 % bootstrap interval over seeds and test examples.
+
+    ``diffs[d]`` is [S, n_d]: correct(ours) - correct(theirs) in {-1, 0, 1} for seed s and test
+    example i of domain d. The statistic is the seed-mean of the domain-averaged accuracy difference,
+
+        Δ = mean_s mean_d mean_i diffs[d][s, i].
+
+    Each resample draws S seeds with replacement and, per domain, n_d test examples with
+    replacement, the same examples for every seed and for both students (the pairing). Returns
+    (Δ, 2.5th percentile, 97.5th percentile).
+    """
+    rng = np.random.default_rng(seed)
+    n_seeds = diffs[0].shape[0]
+    seed_draw = rng.integers(0, n_seeds, size=(resamples, n_seeds))
+    per_domain = []
+    for d in diffs:
+        n = d.shape[1]
+        counts = np.zeros((resamples, n))
+        np.add.at(counts, (np.repeat(np.arange(resamples), n), rng.integers(0, n, size=resamples * n)), 1)
+        by_seed = counts @ d.T.astype(float) / n  # [resamples, S]: each seed's mean under the example draw
+        per_domain.append(np.take_along_axis(by_seed, seed_draw, 1).mean(1))
+    stats = np.mean(per_domain, axis=0)
+    delta = float(np.mean([d.mean() for d in diffs]))
+    return delta, float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+def verdict(lo: float, hi: float) -> str:
+    """"ahead" / "behind" only when the 95 % interval excludes 0."""
+    return "ahead" if lo > 0 else "behind" if hi < 0 else "tie"
+
+
+def correctness_diffs(setting: Setting, ours: str, theirs: str) -> list[np.ndarray] | None:
+    """Per domain, [seeds, examples] of correct(ours) - correct(theirs) over the seeds that have
+    both rows' per-example test results (``test_correct``); None when there are none."""
+    out = []
+    for d in setting.domains:
+        rows = []
+        for r in setting.runs:
+            a, b = (_row_of(r, row).get(d, {}).get("test_correct") for row in (ours, theirs))
+            if a and b and len(a) == len(b):
+                rows.append(np.frombuffer(a.encode(), np.uint8).astype(int) - np.frombuffer(b.encode(), np.uint8))
+        if not rows or len(rows) != len(setting.runs):
+            return None
+        out.append(np.stack(rows))
+    return out
+
+
 def margins(setting: Setting, method: str = "meta_kd") -> dict[str, dict]:
     """``method`` minus each other student row, on the domain average.
 
     diff = mean_s(avg_d acc[method]) - mean_s(avg_d acc[other]); ``paired_std`` is the std over
-    seeds of the per-seed difference (seeds share data splits and teachers, so pairing is fair).
+    seeds of the per-seed difference (seeds share data splits and teachers, so pairing is fair);
+    ``ci`` the 95 % paired bootstrap interval (``paired_bootstrap``) and ``verdict`` ahead / behind /
+    tie, when the runs have per-example test results.
     """
     if method not in setting.rows():
         return {}
@@ -113,6 +163,10 @@ def margins(setting: Setting, method: str = "meta_kd") -> dict[str, dict]:
         paired = ours[:n] - theirs[:n]
         out[other] = {"diff": float(ours.mean() - theirs.mean()), "paired_std": mean_std(paired)[1],
                       "seeds_ahead": int((paired > 0).sum()), "seeds": n}
+        diffs = correctness_diffs(setting, method, other)
+        if diffs:
+            _, lo, hi = paired_bootstrap(diffs)
+            out[other].update(ci=[lo, hi], verdict=verdict(lo, hi))
     return out
 
 
@@ -248,15 +302,7 @@ def markdown(settings: list[Setting], summary: dict, reductions: list[str], figu
         if any(cell["shared"] for cell in info["rows"].values()):
             lines += ["(shared) = one trained model that every seed of this setting reused, so it has no spread.", ""]
         if info["meta_kd_margins"]:
-            lines += ["Meta-KD minus each baseline student (domain average, points; ± = std over seeds of "
-                      "the paired difference):", ""]
-            for other, m in info["meta_kd_margins"].items():
-                verdict = "ahead" if m["diff"] > 0 else "behind"
-                lines.append(f"- vs `{other}`: {m['diff'] * 100:+.1f} ± {m['paired_std'] * 100:.1f} "
-                             f"({verdict}; ahead on {m['seeds_ahead']}/{m['seeds']} seeds)")
-            ahead_all = all(m["diff"] > 0 for m in info["meta_kd_margins"].values())
-            lines += ["", f"Meta-KD is {'ahead of every' if ahead_all else 'not ahead of every'} baseline "
-                      "student on the average in this setting.", ""]
+            lines += _margin_lines(info["meta_kd_margins"])
         gaps = teacher_gaps(info)
         if gaps:
             lines += ["Teacher → student gap (teacher Avg minus student Avg, points):", ""]
@@ -289,6 +335,30 @@ def markdown(settings: list[Setting], summary: dict, reductions: list[str], figu
     return "\n".join(lines)
 
 
+def _margin_lines(margins_: dict) -> list[str]:
+    """The Meta-KD-minus-baseline list and its one-line conclusion."""
+    lines = ["Meta-KD minus each baseline student (domain average, points; 95 % interval from a paired bootstrap "
+             "over seeds and test examples; \"ahead\"/\"behind\" only when it excludes 0):", ""]
+    for other, m in margins_.items():
+        spread = f"seed std {m['paired_std'] * 100:.1f}, ahead on {m['seeds_ahead']}/{m['seeds']} seeds"
+        if "ci" in m:
+            lo, hi = m["ci"]
+            lines.append(f"- vs `{other}`: {m['diff'] * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}] "
+                         f"→ **{m['verdict']}** ({spread})")
+        else:
+            lines.append(f"- vs `{other}`: {m['diff'] * 100:+.1f} (no per-example test results in these runs, "
+                         f"so no interval; {spread})")
+    verdicts = [m.get("verdict") for m in margins_.values()]
+    if all(v == "ahead" for v in verdicts):
+        conclusion = "Meta-KD is ahead of every baseline student in this setting (every interval excludes 0)."
+    elif None in verdicts:
+        conclusion = "Without intervals these differences decide nothing; rerun to get per-example results."
+    else:
+        conclusion = ("Meta-KD is not ahead of every baseline student in this setting: "
+                      + ", ".join(f"{v} `{o}`" for o, v in zip(margins_, verdicts) if v != "ahead") + ".")
+    return lines + ["", conclusion, ""]
+
+
 def size_and_speed(info: dict) -> dict[str, dict]:
     """Each student row's parameters and latency against its teacher's (the meta-teacher for
     no_kd): compression = teacher params / student params, speedup = teacher ms / student ms."""
@@ -319,18 +389,20 @@ def reductions_vs_paper(settings: list[Setting]) -> list[str]:
             ("data", "max_test_per_domain"), ("teacher", "epochs"), ("teacher", "lr"), ("teacher", "batch_size"),
             ("distill", "stage1_epochs"), ("distill", "stage1_lr"), ("distill", "stage2_epochs"),
             ("distill", "stage2_lr"), ("distill", "temperature"), ("distill", "batch_size"),
-            ("model", "teacher"), ("model", "student_layers")]
+            ("distill", "stage1_schedule"), ("data", "truncation"), ("general", "epochs"),
+            ("model", "teacher"), ("model", "student_layers"), ("model", "student_init"), ("model", "student_hidden")]
     out = []
     for s in settings:
         cfg = s.config
         diffs = [f"{a}.{b} = {cfg[a][b]} (paper protocol: {paper[a][b] if paper[a][b] != 0 else 'all'})"
-                 for a, b in keys if a in cfg and cfg[a].get(b) != paper[a][b]]
+                 for a, b in keys if b in cfg.get(a, {}) and cfg[a][b] != paper[a][b]]
         if diffs:
             out.append(f"`{s.name}`: " + "; ".join(diffs))
     if out:
-        out.append("Model: the paper distils BERT-base (12 layers) into TinyBERT-4L; here the teacher is "
-                   "`model.teacher` and the student its first `model.student_layers` layers (same 3:1 depth ratio "
-                   "for MiniLM-L6 → 2 layers).")
+        out.append("Model: the paper distils BERT-base (12 layers, 768 wide) into the general-distilled "
+                   "TinyBERT-4L-312; here the teacher is `model.teacher` (MiniLM-L6, 384 wide) and the student has "
+                   "`model.student_layers` layers (2: the same 3:1 depth ratio), general-distilled from the "
+                   "pretrained teacher on the domains' training text when `model.student_init` is `general`.")
     return out
 
 

@@ -247,7 +247,9 @@ def load_best_teacher(cfg: Config, data: PreparedData, result) -> tuple[MetaKDFo
 
 
 def teacher_key(cfg: Config, data: PreparedData, kind: str, domain: str = "") -> str:
-    return content_key(data.key, cfg.hash("model", "teacher", "prototypes", "seed"), cfg.precision,
+    # the student's settings in `model` do not change the teacher
+    return content_key(data.key, cfg.model.teacher, cfg.model.dropout, cfg.hash("teacher", "prototypes", "seed"),
+                       cfg.precision,
                        cfg.data.held_out_domain, kind, domain, SAVE_FORMAT)[:12]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import random
+import zlib
 
 import numpy as np
 import torch
@@ -59,8 +60,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int,
-                   warmup_fraction: float):
-    """AdamW (no decay on biases/LayerNorm) with linear warm-up then linear decay to 0."""
+                   warmup_fraction: float, constant: bool = False):
+    """AdamW (no decay on biases/LayerNorm) with linear warm-up then linear decay to 0 (or, with
+    ``constant``, the full rate to the end)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -72,6 +74,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
+        if constant:
+            return 1.0
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -84,6 +88,60 @@ def optimizer_step(model, optimizer, scheduler, loss: torch.Tensor, max_grad_nor
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     scheduler.step()
+
+
+def stage_steps(epochs: float, examples: int, batch_size: int, min_steps: int = 0) -> int:
+    """Optimiser steps of one stage: ``epochs`` passes of full batches, at least ``min_steps``
+    (a stage of 0 epochs stays off)."""
+    steps = int(round(epochs * max(1, examples // batch_size)))
+    return max(steps, min_steps) if epochs > 0 else 0
+
+
+class TrainingStage:
+    """One training stage of a model on ``tensors``: shuffled mini-batches, AdamW with warm-up,
+    an optional evaluation every ``eval_every`` steps and at the end.
+
+    ``settings`` gives batch_size, weight_decay, warmup_fraction and max_grad_norm (a
+    ``DistillConfig`` or ``GeneralConfig``). ``loss_fn(batch, rows, output)`` returns the loss, or
+    (loss, {term: per-batch value}) whose terms are logged beside it as ``<stage>/<term>``."""
+
+    def __init__(self, model, tensors: dict, settings, seed: int, precision: str, run, device: torch.device,
+                 progress=None):
+        self.model, self.tensors, self.settings, self.seed = model, tensors, settings, seed
+        self.precision, self.run, self.device, self.progress = precision, run, device, progress
+
+    def __call__(self, epochs: float, lr: float, step: int, stage: str, loss_fn, internals: bool, evaluate=None,
+                 eval_every: int = 0, min_steps: int = 0, constant_lr: bool = False) -> int:
+        s = self.settings
+        n = len(self.tensors["labels"])
+        per_epoch = max(1, n // s.batch_size)
+        total = stage_steps(epochs, n, s.batch_size, min_steps)
+        if total == 0:
+            return step
+        optimizer, scheduler = make_optimizer(self.model, lr, s.weight_decay, total, s.warmup_fraction, constant_lr)
+        # Each stage shuffles with its own stream: the stage name's CRC32 (mod a prime) offsets the
+        # seed, so stage 2 does not replay stage 1's batch order.
+        seed = self.seed + zlib.crc32(stage.encode()) % 997
+        self.model.train()
+        for i in range(total):
+            epoch, position = divmod(i, per_epoch)
+            idx = epoch_order(n, seed, epoch)[position * s.batch_size:(position + 1) * s.batch_size]
+            b = batch_at(self.tensors, idx, self.device)
+            with autocast(self.device, self.precision):
+                out = forward(self.model, b, internals=internals)
+                loss = loss_fn(b, idx, out)
+            loss, terms = loss if isinstance(loss, tuple) else (loss, {})
+            optimizer_step(self.model, optimizer, scheduler, loss, s.max_grad_norm)
+            step += 1
+            if step % LOG_EVERY == 0:
+                if self.run:
+                    self.run.log_metrics({"train/loss": loss.item(),
+                                          **{f"{stage}/{k}": float(v) for k, v in terms.items()}}, step)
+                if self.progress:
+                    self.progress(step)
+            if evaluate and (step % eval_every == 0 or i == total - 1):
+                evaluate(step, stage)
+        return step
 
 
 def eval_batch_size(device: torch.device) -> int:

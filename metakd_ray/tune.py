@@ -41,6 +41,7 @@ from metakd_ray.config import Config, dump_yaml, with_overrides
 from metakd_ray.distill import (StudentJob, compute_teacher_outputs, distill_student, fetch_teacher,
                                 teacher_outputs_task)
 from metakd_ray.errors import MetaKDError
+from metakd_ray.general import ensure_general, general_key, general_path
 from metakd_ray.io import atomic_write_text
 from metakd_ray.methods import META_KD
 from metakd_ray.models import load_model, save_model
@@ -208,10 +209,11 @@ def _distill_domains(cfg, data, teacher_dir: Path, outputs: dict, run: RunRef, r
 
     device = task_device()
     prepare_device(device)
+    general = general_path(cfg, general_key(cfg, data)) if cfg.model.student_init == "general" else None
     accs, latency = [], []
     for i, domain in enumerate(cfg.data.domains, start=1):
         r = distill_student(cfg, data, StudentJob(META_KD.name, domain), teacher_dir, load_file(outputs[domain]),
-                            device=device)["result"]
+                            device=device, general=general)["result"]
         accs.append(r["dev_acc"])
         latency.append(r["latency_ms"])
         metrics = {"mean_dev_acc": float(np.mean(accs)), f"dev_acc/{domain}": r["dev_acc"], "domains_done": i,
@@ -313,6 +315,8 @@ def sweep(cfg: Config, space_path: str, trials: int, concurrency: int, resume: b
     parent = open_run(cfg, f"sweep/{sweep_dir}", f"sweep-{name}", "sweep", None, {"metakd.space": space.path.name})
     metric = METRIC[space.target]
     init_ray(cfg)
+    if cfg.model.student_init == "general" and space.target != "teacher":
+        ensure_general(cfg, data, parent)  # one general student for every trial
     if space.target == "distill":
         scores = compute_prototype_scores(cfg, data, quiet=True)
         teacher_key = train_teachers(cfg, data, scores, [("meta", "")], None)["meta"]["key"]

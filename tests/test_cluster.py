@@ -247,7 +247,8 @@ def test_students_run_on_a_node_that_shares_nothing_but_ray_and_storage(cluster,
     student and teacher-pass task, runs on a node in its own mount namespace that cannot see the
     output directory. Inputs (data, the pretrained model) are readable there, as they are on a real
     cluster through the hub or a data volume; outputs travel only through ``ray.storage_path`` and
-    the object store, and MLflow through its server."""
+    the object store, and MLflow through its server. The students start from a general-distilled
+    student, which reaches the island the same way."""
     from mlflow import MlflowClient
 
     from metakd_ray.config import load_config
@@ -255,7 +256,9 @@ def test_students_run_on_a_node_that_shares_nothing_but_ray_and_storage(cluster,
     storage = tmp_path / "storage"
     with mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "mlflow.log", tmp_path / "mlartifacts") as uri:
         config = tiny_config(ray={"storage_path": str(storage)}, tracking={"tracking_uri": uri},
-                             distill={"cpus_per_task": 1})
+                             distill={"cpus_per_task": 1},
+                             model={"student_init": "general", "student_hidden": 96, "student_heads": 4},
+                             general={"epochs": 1, "batch_size": 16, "num_cpus": 1})
         cfg = load_config(str(config))
         cluster.start_head(cpus=0)
         cluster.add_node(cpus=2, name="island", hide=cfg.out)
@@ -279,6 +282,7 @@ def test_students_run_on_a_node_that_shares_nothing_but_ray_and_storage(cluster,
                 assert (stored / "students" / method / domain / "_COMPLETE.json").is_file()
                 assert 0 <= results["students"][method][domain]["test_acc"] <= 1
         assert (stored / "teachers" / "meta" / "_COMPLETE.json").is_file()
+        assert len(list(stored.glob("general/*/_COMPLETE.json"))) == 1
         # The teacher passes ran on the island: their files reached storage, never the driver's disk.
         assert len(list((stored / "teacher_outputs" / "meta").glob("*.safetensors"))) == 2
         assert not (cfg.out / "teacher_outputs").exists()
@@ -287,10 +291,14 @@ def test_students_run_on_a_node_that_shares_nothing_but_ray_and_storage(cluster,
         client = MlflowClient(uri)
         runs = client.search_runs([results["mlflow"]["experiment_id"]],
                                   f"tags.`mlflow.parentRunId` = '{results['mlflow']['parent_run_id']}'")
-        assert sorted(r.data.tags["metakd.stage"] for r in runs) == ["student"] * 4 + ["teacher"]
+        assert sorted(r.data.tags["metakd.stage"] for r in runs) == ["general"] + ["student"] * 4 + ["teacher"]
         assert all(r.info.status == "FINISHED" and "val/acc" in r.data.metrics for r in runs
                    if r.data.tags["metakd.stage"] == "student")
+    # the island fetched the teacher and the general student from storage
     teacher_key = json.loads((cfg.out / "teachers" / "meta" / "result.json").read_text())["key"]
-    cache = Path(tempfile.gettempdir(), "metakd-ray", f"teacher-meta-{teacher_key}")
-    assert (cache / "model" / "config.json").is_file()  # the island fetched the teacher from storage
-    shutil.rmtree(cache)
+    general_key = next((cfg.out / "general").iterdir()).name
+    for cache, inside in ((f"teachers-meta-{teacher_key}", "model/config.json"),
+                          (f"general-{general_key}", "encoder/config.json")):
+        path = Path(tempfile.gettempdir(), "metakd-ray", cache)
+        assert (path / inside).is_file(), cache
+        shutil.rmtree(path)

@@ -170,3 +170,65 @@ def test_gradient_reversal_flips_the_encoder_gradient():
     x.grad = None
     (3 * grad_reverse(x, 0.5)).sum().backward()
     assert torch.allclose(x.grad, -0.5 * plain)
+
+
+def test_term_scale_divides_each_layer_by_its_targets_mean_square():
+    mask = torch.tensor([[1, 1, 0]])
+    # teacher layer 0: real entries 2, 2, 2, 2 -> MS 4; layer 1: real entries 1, 1, 1, 1 -> MS 1
+    t0 = torch.tensor([[[2.0, 2.0], [2.0, 2.0], [9.0, 9.0]]])
+    t1 = torch.tensor([[[1.0, 1.0], [1.0, 1.0], [9.0, 9.0]]])
+    assert losses.target_mean_square(t0, mask.unsqueeze(-1)).item() == pytest.approx(4.0)
+    zeros = [torch.zeros(1, 3, 2), torch.zeros(1, 3, 2)]
+    identity = torch.nn.Identity()
+    # raw: mean squared error 4 + 1; scaled: each layer's error relative to its target = 1 + 1
+    assert losses.hidden_mse(zeros, [t0, t1], identity, mask).item() == pytest.approx(5.0)
+    assert losses.hidden_mse(zeros, [t0, t1], identity, mask, scale=True).item() == pytest.approx(2.0)
+    # attention scores of 10 against hidden states of 1: scaled, both count 1 for a zero student
+    scores_t = torch.full((1, 2, 3, 3), 10.0)
+    assert losses.attention_mse([torch.zeros(1, 2, 3, 3)], [scores_t], mask).item() == pytest.approx(100.0)
+    assert losses.attention_mse([torch.zeros(1, 2, 3, 3)], [scores_t], mask, scale=True).item() == pytest.approx(1.0)
+    vec_t = torch.tensor([[3.0, 1.0], [1.0, 3.0]])  # MS = 5; MSE of zeros per row = 5
+    assert losses.domain_vector_mse(torch.zeros(2, 2), vec_t, scale=True).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_attention_of_a_student_with_fewer_heads_is_compared_head_averaged():
+    mask = torch.tensor([[1, 1]])
+    teacher = [torch.stack([torch.full((2, 2), 1.0), torch.full((2, 2), 3.0)]).unsqueeze(0)]  # 2 heads
+    student = [torch.full((1, 1, 2, 2), 2.0)]  # 1 head = the teachers' mean
+    s, t = losses.attention_pair(student, teacher, mask, "scores")
+    assert t[0].shape == (1, 1, 2, 2) and losses.attention_mse(s, t, mask).item() == pytest.approx(0.0)
+
+
+def test_head_tail_truncation_keeps_a_quarter_of_the_start_and_the_end():
+    from metakd_ray.data.prepare import head_tail
+
+    ids = [101] + list(range(1, 21)) + [102]
+    assert head_tail(ids, 10) == [101, 1, 2, 15, 16, 17, 18, 19, 20, 102]  # head 2, tail 6
+    assert head_tail(ids, 64) == ids  # short enough: unchanged
+
+
+def test_uniform_layer_map_rounds_when_depths_do_not_divide():
+    from metakd_ray.config import resolve_layer_map
+
+    assert resolve_layer_map("uniform", 6, 2) == [3, 6]  # TinyBERT's map where it divides
+    assert resolve_layer_map("uniform", 6, 4) == [2, 3, 5, 6]  # 1.5, 3, 4.5, 6 rounded half up
+    assert resolve_layer_map("uniform", 12, 4) == [3, 6, 9, 12]
+
+
+def test_stage_steps_floor():
+    from metakd_ray.training import stage_steps
+
+    assert stage_steps(2, 100, 16) == 12  # 6 batches per epoch
+    assert stage_steps(2, 20, 16, min_steps=30) == 30  # 10 % of a domain: extended to the floor
+    assert stage_steps(0, 100, 16, min_steps=30) == 0  # a stage that is off stays off
+
+
+def test_principal_embeddings_map_back_to_the_teachers():
+    from metakd_ray.general import principal_embeddings
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 3, generator=g) @ torch.tensor([[1.0, 2.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0],
+                                                             [0.0, 0.0, 0.0, 1.0]]) + 5.0  # rank 3 in 4 dims
+    small, basis, mean = principal_embeddings(table, 3)
+    assert small.shape == (50, 3) and basis.shape == (3, 4)
+    assert torch.allclose(small @ basis + mean, table, atol=1e-4)  # 3 directions hold it all

@@ -52,7 +52,8 @@ def test_mean_std_and_meta_kd_margins_are_hand_computable():
 
 @pytest.fixture(scope="module")
 def two_seeds(tmp_path_factory, tiny_amazon, tiny_teacher):
-    """Two real tiny pipeline runs (student seeds 0 and 1, one shared teacher) in one MLflow store."""
+    """Two real tiny pipeline runs (student seeds 0 and 1, one shared teacher and general-distilled
+    student) in one MLflow store; the students are 1 layer x 96 wide, general-distilled."""
     import ray
 
     from metakd_ray.pipeline import run_pipeline
@@ -65,10 +66,13 @@ def two_seeds(tmp_path_factory, tiny_amazon, tiny_teacher):
             out = root / f"seed{seed}"
             config = write_config(root / f"seed{seed}.yaml", tiny_amazon, tiny_teacher, out,
                                   name="tiny", tracking={"tracking_uri": store, "experiment": "report-test"},
-                                  distill={"seed": seed})
-            if seed:  # the same teacher for every student seed, as bench/fidelity.py does
+                                  distill={"seed": seed},
+                                  model={"student_init": "general", "student_hidden": 96, "student_heads": 4},
+                                  general={"epochs": 2, "batch_size": 16, "num_cpus": 1})
+            if seed:  # the same teacher and general student for every student seed, as bench/fidelity.py does
                 out.mkdir()
-                (out / "teachers").symlink_to(outs[0] / "teachers", target_is_directory=True)
+                for shared in ("teachers", "general"):
+                    (out / shared).symlink_to(outs[0] / shared, target_is_directory=True)
             run_pipeline(load_config(str(config)), ["meta_kd", "no_kd"])
             outs.append(out)
     finally:
@@ -96,12 +100,30 @@ def test_report_over_seeds_from_directories_and_from_mlflow(two_seeds, tmp_path,
         assert summary["rows"]["meta_kd"]["per_domain"][d]["mean"] == pytest.approx(want)
     assert summary["rows"]["teacher meta"]["latency_ms"] > summary["rows"]["meta_kd"]["latency_ms"] > 0
     assert set(summary["meta_kd_margins"]) == {"no_kd"}
+    margin = summary["meta_kd_margins"]["no_kd"]
+    lo, hi = margin["ci"]  # per-example results give a paired bootstrap interval and a verdict
+    assert lo <= margin["diff"] <= hi and margin["verdict"] in ("ahead", "behind", "tie")
+    cell = first["students"]["meta_kd"]["books"]  # one 0/1 per test example
+    assert set(cell["test_correct"]) <= {"0", "1"} and cell["test_correct"].count("1") / len(cell["test_correct"]) \
+        == pytest.approx(cell["test_acc"])
     md = (report / "report.md").read_text()
     assert "| meta_kd |" in md and "±" in md and "vs `no_kd`" in md and "max_length = 32" in md
+    assert f"**{margin['verdict']}**" in md
     assert "meta_kd" in capsys.readouterr().out
 
-    # logged to each pipeline parent run
+    # one general-distilled student (one MLflow run) shared by both seeds and both methods: a
+    # 96-wide student of the 384-wide teacher, about 4x fewer encoder parameters
     client = MlflowClient(store)
+    exp = client.get_experiment_by_name("report-test").experiment_id
+    general = client.search_runs([exp], "tags.`metakd.stage` = 'general'")
+    assert len(general) == 1 and general[0].data.metrics["compression"] > 3
+    assert "general/hidden" in general[0].data.metrics and "general/attention" in general[0].data.metrics
+    assert first["students"]["meta_kd"]["books"]["params"] == second["students"]["no_kd"]["kitchen"]["params"]
+    assert first["students"]["meta_kd"]["books"]["params"] * 3 < first["teacher"]["meta"]["books"]["params"]
+    student = client.search_runs([exp], "tags.`metakd.method` = 'meta_kd'")[0].data.metrics
+    assert {"stage1/hidden", "stage1/attention", "stage1/domain"} <= student.keys()  # per-term magnitudes
+
+    # logged to each pipeline parent run
     for r in (first, second):
         names = {a.path for a in client.list_artifacts(r["mlflow"]["parent_run_id"], "report")}
         assert "report/report.md" in names and "report/heatmap.png" in names
@@ -189,3 +211,21 @@ def test_mlflow_ui_lists_the_pipeline_parent_and_its_child_runs(two_seeds, tmp_p
     assert all(name in registry for name in registered), registry
     for name in ("mlflow-ui.png", "run.png", "models.png"):  # kept beside the store for a look after a failure
         shutil.copy(tmp_path / name, root / name)
+
+
+def test_paired_bootstrap_interval_and_verdicts():
+    from metakd_ray.report import paired_bootstrap, verdict
+
+    rng = np.random.default_rng(0)
+    # two domains, three seeds, 200 examples: ours right on 10 % more examples than theirs
+    better = [np.where(rng.random((3, 200)) < 0.1, 1, 0) for _ in range(2)]
+    delta, lo, hi = paired_bootstrap(better)
+    assert delta == pytest.approx(np.mean([d.mean() for d in better])) and 0 < lo < delta < hi
+    assert verdict(lo, hi) == "ahead" and verdict(-hi, -lo) == "behind"
+    same = [np.zeros((3, 200), dtype=int)] * 2  # identical predictions: no difference, no spread
+    assert paired_bootstrap(same) == (0.0, 0.0, 0.0) and verdict(0.0, 0.0) == "tie"
+    # one example in 200 of one seed: a difference the interval cannot tell from 0
+    tiny = np.zeros((3, 200), dtype=int)
+    tiny[0, 0] = 1
+    delta, lo, hi = paired_bootstrap([tiny])
+    assert lo <= 0 <= hi and verdict(lo, hi) == "tie"

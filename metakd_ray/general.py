@@ -1,0 +1,253 @@
+"""General distillation: TinyBERT's task-agnostic first stage, run once before meta-distillation.
+
+    metakd-ray run quickstart            # the quickstart's students start from a general student
+
+With ``model.student_init: general`` the students do not start as a cut of the pretrained teacher
+but from a student of any shape (``model.student_layers`` x ``student_hidden``, ``student_heads``,
+``student_intermediate``) that learnt to imitate the *pretrained* teacher backbone (not the
+fine-tuned meta-teacher; no labels) on the text of every domain's training split:
+
+    L_gen = mean_i [ Σ_{j=0..N_S} hid_ij + Σ_{j=1..N_S} att_ij ]
+
+hid_j matches the student's layer j through W_fit to teacher layer map(j) (j = 0: embeddings),
+att_j the attention scores (head-averaged when the student has fewer heads); both are the stage-1
+terms of ``metakd_ray.losses``, divided by their targets' mean square with ``distill.term_scale:
+target``. Where it starts:
+
+- a student of the teacher's width, heads and FFN size starts as the teacher's first layers (the
+  "pretrained" cut) with W_fit = I: general distillation then teaches those layers to produce what
+  the teacher's deeper layers produce, which a cut never learnt;
+- a narrower student starts with random layers and the teacher's word, position and type
+  embeddings projected onto their top principal directions, W_fit as the projection back, so it
+  begins with the teacher's vocabulary knowledge (the corpus here is thousands of reviews, not
+  Wikipedia).
+
+The result (``<output_dir>/general/<key>/``: ``encoder/``, ``fit.safetensors``, ``result.json``)
+depends only on the data, the teacher checkpoint, the student's shape and the ``general`` section,
+so every method, student seed, domain and sweep trial shares it. It is one Ray task
+(``general.num_cpus`` / ``num_gpus``) with its own MLflow child run and progress lines.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from metakd_ray import losses
+from metakd_ray.cluster import init_ray, prepare_device, relayed_console, say_to, task_device
+from metakd_ray.config import Config, model_path
+from metakd_ray.data.prepare import PreparedData
+from metakd_ray.errors import MetaKDError
+from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json
+from metakd_ray.models import FIT_FILE, SAVE_FORMAT, count_parameters, load_encoder, quiet_transformers, wrap_encoder
+from metakd_ray.outputs import Store, fetch
+from metakd_ray.tracking import RunRef, flatten, open_run, system_metrics
+from metakd_ray.training import TrainingStage, batch_at, forward, seed_everything, stage_steps
+
+SHAPE_KEYS = ("teacher", "student_layers", "student_hidden", "student_heads", "student_intermediate", "layer_map")
+
+
+def general_key(cfg: Config, data: PreparedData) -> str:
+    """What the general student depends on: data, teacher, student shape, the ``general`` section
+    (not its resources) and the loss settings it shares with stage 1."""
+    model = {k: cfg.to_dict()["model"][k] for k in SHAPE_KEYS}
+    settings = {k: v for k, v in cfg.to_dict()["general"].items() if k not in ("num_cpus", "num_gpus")}
+    return content_key(data.key, model, settings, cfg.distill.term_scale, cfg.distill.attention_target,
+                       cfg.precision, SAVE_FORMAT)[:12]
+
+
+def general_rel(key: str) -> str:
+    return f"general/{key}"
+
+
+def student_encoder(cfg: Config):
+    """The general student's encoder before training: the teacher's first layers when the student
+    has the teacher's shape, else a freshly initialised encoder of the student's shape with the
+    teacher's architecture and vocabulary."""
+    from transformers import AutoConfig, AutoModel
+
+    quiet_transformers()
+    config = AutoConfig.from_pretrained(model_path(cfg.model.teacher))
+    shape = {"hidden_size": cfg.student_width,
+             "num_attention_heads": cfg.model.student_heads or cfg.teacher_arch.heads,
+             "intermediate_size": cfg.model.student_intermediate or 4 * cfg.student_width}
+    if all(getattr(config, k) == v for k, v in shape.items()):
+        return load_encoder(model_path(cfg.model.teacher), cfg.model.student_layers)
+    for k, v in dict(shape, num_hidden_layers=cfg.model.student_layers).items():
+        setattr(config, k, v)
+    return AutoModel.from_config(config)
+
+
+def principal_embeddings(teacher_weight: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's embedding table E [V, D] in ``width`` dimensions by PCA:
+
+        E ≈ μ + (E - μ) P Pᵀ,   P = the top ``width`` right singular vectors of (E - μ)   [D, width]
+
+    Returns ((E - μ) P  [V, width], Pᵀ [width, D], μ [D]); a linear map x -> x Pᵀ + μ takes the
+    student's rows back to the teacher's space (W_fit's starting point)."""
+    mean = teacher_weight.mean(0)
+    _, _, vh = torch.linalg.svd(teacher_weight - mean, full_matrices=False)
+    basis = vh[:width]  # [width, D]
+    return (teacher_weight - mean) @ basis.T, basis, mean
+
+
+def start_from_teacher_embeddings(student, teacher) -> None:
+    """Student embeddings (word, position, type) := the teacher's in the top principal directions
+    of its word embeddings; W_fit := the map back (``principal_embeddings``)."""
+    width = student.encoder.config.hidden_size
+    t_emb, s_emb = teacher.encoder.embeddings, student.encoder.embeddings
+    words, basis, mean = principal_embeddings(t_emb.word_embeddings.weight.detach(), width)
+    with torch.no_grad():
+        s_emb.word_embeddings.weight.copy_(words)
+        for name in ("position_embeddings", "token_type_embeddings"):
+            getattr(s_emb, name).weight.copy_(getattr(t_emb, name).weight.detach() @ basis.T)
+        student.projection.weight.copy_(basis.T)
+        student.projection.bias.copy_(mean)
+
+
+def general_distill(cfg: Config, data: PreparedData, device: torch.device | None = None, run: RunRef | None = None,
+                    say=print) -> dict:
+    """Train the general student on ``device``; returns {"model", "result"} (plain PyTorch: no Ray)."""
+    gcfg = cfg.general
+    device = device or torch.device("cpu")
+    seed_everything(gcfg.seed)
+    teacher = wrap_encoder(load_encoder(model_path(cfg.model.teacher)), data.labels, data.domains).to(device).eval()
+    student = wrap_encoder(student_encoder(cfg), data.labels, data.domains, projection_dim=cfg.teacher_arch.width,
+                           dropout=cfg.model.dropout)
+    if student.encoder.config.hidden_size != teacher.encoder.config.hidden_size:
+        start_from_teacher_embeddings(student, teacher)
+    student.to(device)
+    texts = data.splits["train"]  # every domain's training text; the labels are never read
+    layers = [0] + cfg.layer_map
+    scale = cfg.distill.term_scale == "target"
+
+    def terms(b, out):
+        with torch.no_grad():
+            t = forward(teacher, b, internals=True)
+        mask = b["attention_mask"]
+        s_attn, t_attn = losses.attention_pair(out.attention_scores, [t.attention_scores[j - 1] for j in layers[1:]],
+                                               mask, cfg.distill.attention_target)
+        hidden = losses.hidden_mse(list(out.hidden_states), [t.hidden_states[j] for j in layers], student.projection,
+                                   mask, scale)
+        return hidden, losses.attention_mse(s_attn, t_attn, mask, scale)
+
+    def loss_fn(b, idx, out):
+        hidden, attention = terms(b, out)
+        return (hidden + attention).mean(), {"hidden": hidden.detach().mean(), "attention": attention.detach().mean()}
+
+    started, last_said = time.time(), [0.0]
+    total = stage_steps(gcfg.epochs, len(texts), gcfg.batch_size)
+
+    def progress(step):
+        if time.time() - last_said[0] >= 20 or step == total:
+            last_said[0] = time.time()
+            elapsed = time.time() - started
+            say(f"[general] step {step}/{total} · {elapsed:.0f}s elapsed, about "
+                f"{elapsed / step * (total - step):.0f}s left")
+
+    stage = TrainingStage(student, texts.tensors(), gcfg, gcfg.seed, cfg.precision, run, device, progress)
+    steps = stage(gcfg.epochs, gcfg.lr, 0, "general", loss_fn, internals=True)
+    dev_loss = _held_out_loss(student, data, terms, device)
+    if run:
+        run.log_metrics({"dev/loss": dev_loss}, steps)
+    result = {"steps": steps, "train_examples": len(texts), "dev_loss": dev_loss, "params": count_parameters(student),
+              "teacher_params": count_parameters(teacher), "train_seconds": round(time.time() - started, 1),
+              "device": device.type}
+    return {"model": student.cpu(), "result": result}
+
+
+@torch.no_grad()
+def _held_out_loss(student, data: PreparedData, terms, device) -> float:
+    """L_gen on the dev splits' text (never trained on): how well the imitation generalises."""
+    student.eval()
+    dev = data.splits["dev"].tensors()
+    n = len(dev["labels"])
+    total = 0.0
+    for start in range(0, n, 64):
+        b = batch_at(dev, range(start, min(start + 64, n)), device)
+        hidden, attention = terms(b, forward(student, b, internals=True))
+        total += float((hidden + attention).sum())
+    return total / max(1, n)
+
+
+def save_general(model, directory: Path) -> None:
+    model.encoder.save_pretrained(directory / "encoder")
+    save_file({k: v.contiguous() for k, v in model.projection.state_dict().items()}, directory / FIT_FILE)
+
+
+# --------------------------------------------------------------------------- Ray and MLflow edges
+
+
+def _general_task(cfg: Config, data: PreparedData, run: RunRef, console) -> dict:
+    """Ray task body: train the general student on the GPU Ray gave the task (else the CPU);
+    return its files for the driver to write."""
+    torch.set_num_threads(cfg.general.num_cpus)
+    device = task_device()
+    prepare_device(device)
+    with system_metrics(run):
+        out = general_distill(cfg, data, device, run, say_to(console))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_general(out["model"], Path(tmp))
+        files = {p.relative_to(tmp).as_posix(): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
+    return {"result": out["result"], "files": files}
+
+
+def ensure_general(cfg: Config, data: PreparedData, parent: RunRef | None) -> dict:
+    """The general student of ``cfg`` (trained now unless a finished one of the same key exists
+    here or in ``ray.storage_path``); returns its ``result.json``."""
+    import ray
+
+    key = general_key(cfg, data)
+    found = fetch(cfg, general_rel(key), key)
+    if found:
+        done = read_json(found / "result.json")
+        print(f"[general] reusing the general-distilled student {key} ({done['params'] / 1e6:.1f} M parameters)",
+              flush=True)
+        return done
+    init_ray(cfg)
+    gcfg = cfg.general
+    run = open_run(cfg, f"general/{key}", "general-student", "general", parent)
+    settings = cfg.to_dict()
+    run.log_params(flatten({"general": settings["general"], "model": {k: settings["model"][k] for k in SHAPE_KEYS},
+                            "term_scale": cfg.distill.term_scale}))
+    print(f"[general] distilling the pretrained {cfg.model.teacher} into a {cfg.model.student_layers}-layer, "
+          f"{cfg.student_width}-wide student on {len(data.splits['train'])} training texts (labels unused), "
+          f"{gcfg.epochs:g} epoch(s)", flush=True)
+    task = ray.remote(_general_task).options(num_cpus=gcfg.num_cpus, num_gpus=gcfg.num_gpus,
+                                             max_retries=cfg.distill.max_retries, retry_exceptions=True)
+    try:
+        with relayed_console() as console:
+            out = ray.get(task.remote(cfg, data, run, console))
+    except Exception:
+        run.finish("FAILED")
+        raise
+    result = dict(out["result"], key=key, run_id=run.run_id)
+    directory = cfg.out / general_rel(key)
+    with atomic_dir(directory) as tmp:
+        for name, blob in out["files"].items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(blob)
+        atomic_write_json(tmp / "result.json", result)
+    run.log_metrics({"params": result["params"], "compression": result["teacher_params"] / result["params"]})
+    run.finish()
+    store = Store.of(cfg)
+    if store:
+        store.put(directory, general_rel(key))
+    print(f"[general] done: {result['steps']} steps in {result['train_seconds']:.0f}s, held-out loss "
+          f"{result['dev_loss']:.3f}, {result['params'] / 1e6:.1f} M parameters "
+          f"({result['teacher_params'] / result['params']:.1f}x fewer than the teacher)", flush=True)
+    return result
+
+
+def general_path(cfg: Config, key: str) -> Path:
+    """The general student of ``key`` on this node (for a student task)."""
+    found = fetch(cfg, general_rel(key), key)
+    if found is None:
+        raise MetaKDError(f"general-distilled student {key} is not on this node ({cfg.out / general_rel(key)}) "
+                          f"nor in ray.storage_path ({cfg.ray.storage_path or 'unset'}); on a multi-node cluster set "
+                          "ray.storage_path, and in a sweep do not vary the student's shape or the general section")
+    return found
