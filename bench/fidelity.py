@@ -86,6 +86,8 @@ def main() -> None:
     work = Path(args.out or REPO / "bench" / "out" / f"fidelity-{args.budget}").resolve()
     store = f"sqlite:///{work / 'mlflow.db'}"
     timings, started = {}, time.time()
+    # seconds below exclude training that an earlier invocation already did (teachers, general students)
+    reused = sorted(str(p.parent.relative_to(work)) for p in work.glob("shared-*/*/*/result.json"))
     wanted = args.only.split(",") if args.only else list(SETTINGS)
     try:
         for name in wanted:
@@ -111,6 +113,7 @@ def main() -> None:
     payload = {"budget": args.budget, "overrides": BUDGETS[args.budget] + args.set,
                "settings_run": {name: SETTINGS[name][:2] for name in wanted},
                "seconds_total": round(time.time() - started, 1), "seconds_per_run": timings,
+               "trained_by_an_earlier_invocation": reused,
                "mlflow": store, "report": str(report_dir.relative_to(REPO)), "settings": headline}
     (RESULTS / f"fidelity-{args.budget}.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nfidelity ({args.budget}): {payload['seconds_total']:.0f}s; report {report_dir / 'report.md'}; "
