@@ -340,7 +340,8 @@ def _margin_lines(margins_: dict) -> list[str]:
     lines = ["Meta-KD minus each baseline student (domain average, points; 95 % interval from a paired bootstrap "
              "over seeds and test examples; \"ahead\"/\"behind\" only when it excludes 0):", ""]
     for other, m in margins_.items():
-        spread = f"seed std {m['paired_std'] * 100:.1f}, ahead on {m['seeds_ahead']}/{m['seeds']} seeds"
+        spread = (f"seed std {m['paired_std'] * 100:.1f}, ahead on {m['seeds_ahead']}/{m['seeds']} seeds"
+                  if m["seeds"] > 1 else "one seed: the interval is over test examples only")
         if "ci" in m:
             lo, hi = m["ci"]
             lines.append(f"- vs `{other}`: {m['diff'] * 100:+.1f} [{lo * 100:+.1f}, {hi * 100:+.1f}] "
@@ -394,7 +395,8 @@ def reductions_vs_paper(settings: list[Setting]) -> list[str]:
     out = []
     for s in settings:
         cfg = s.config
-        diffs = [f"{a}.{b} = {cfg[a][b]} (paper protocol: {paper[a][b] if paper[a][b] != 0 else 'all'})"
+        diffs = [f"{a}.{b} = {cfg[a][b]} (paper protocol: "
+                 f"{'all' if b.startswith('max_') and paper[a][b] == 0 else paper[a][b]})"
                  for a, b in keys if b in cfg.get(a, {}) and cfg[a][b] != paper[a][b]]
         if diffs:
             out.append(f"`{s.name}`: " + "; ".join(diffs))
