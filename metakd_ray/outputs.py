@@ -51,7 +51,8 @@ def fetch(cfg: Config, rel: str, key: str) -> Path | None:
     if finished(local, key):
         return local
     store = Store.of(cfg)
-    cache = node_cache(f"{rel.replace('/', '-')}-{key}")
+    name = rel.replace("/", "-")
+    cache = node_cache(name if name.endswith(key) else f"{name}-{key}")  # one copy per key
     if finished(cache, key) or (store and store.get(rel, cache) and finished(cache, key)):
         return cache
     return None
