@@ -471,7 +471,7 @@ def _duration(seconds: float) -> str:
 
 
 def student_shape(cfg: Config) -> str:
-    """How the student was made, in words (model card, report)."""
+    """How the student was made, in words, for its model card."""
     made = {"general": f"general-distilled from `{cfg.model.teacher}`",
             "teacher": f"cut from the trained `{cfg.model.teacher}` teacher",
             "": f"the first layers of `{cfg.model.teacher}`", "pretrained": f"the first layers of `{cfg.model.teacher}`"}

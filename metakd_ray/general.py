@@ -46,7 +46,7 @@ from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json
 from metakd_ray.models import FIT_FILE, SAVE_FORMAT, count_parameters, load_encoder, quiet_transformers, wrap_encoder
 from metakd_ray.outputs import Store, fetch
 from metakd_ray.tracking import RunRef, flatten, open_run, system_metrics
-from metakd_ray.training import TrainingStage, batch_at, forward, seed_everything, stage_steps
+from metakd_ray.training import TrainingStage, batch_at, eval_batch_size, forward, seed_everything, stage_steps
 
 SHAPE_KEYS = ("teacher", "student_layers", "student_hidden", "student_heads", "student_intermediate", "layer_map")
 
@@ -165,10 +165,10 @@ def _held_out_loss(student, data: PreparedData, terms, device) -> float:
     """L_gen on the dev splits' text (never trained on): how well the imitation generalises."""
     student.eval()
     dev = data.splits["dev"].tensors()
-    n = len(dev["labels"])
+    n, size = len(dev["labels"]), eval_batch_size(device)
     total = 0.0
-    for start in range(0, n, 64):
-        b = batch_at(dev, range(start, min(start + 64, n)), device)
+    for start in range(0, n, size):
+        b = batch_at(dev, range(start, min(start + size, n)), device)
         hidden, attention = terms(b, forward(student, b, internals=True))
         total += float((hidden + attention).sum())
     return total / max(1, n)
