@@ -1,20 +1,23 @@
-"""Fidelity: does Meta-KD beat the baseline students on the real Amazon reviews, over seeds?
+"""Fidelity: does Meta-KD beat the baseline students on the real Amazon reviews and MNLI genres, over seeds?
 
     .venv/bin/python bench/fidelity.py --budget small     # 2 cores, see bench/results/fidelity-small.json
     .venv/bin/python bench/fidelity.py                    # --budget full (2 cores)
     python bench/fidelity.py --budget paper --set teacher.use_gpu=true --set distill.gpus_per_task=0.5
                                                           # the `amazon` preset's protocol, on a GPU host
 
-The `amazon` preset (MiniLM-L6 teacher -> a 2-layer student general-distilled from it) with the
-paper's rows: `no_kd`, `tinybert_kd` from the single / mix / meta teachers, and `meta_kd`, over 3
-student seeds. Further settings, each its own section of the report:
+The `amazon` preset (MiniLM-L6 teacher -> a 2-layer student general-distilled from it) with every
+row of the paper's table (`--methods all`): `no_kd`, `tinybert_kd` from the single / mix / mtl / meta
+teachers, `mtn_kd` (the single-domain teachers' soft labels averaged) and `meta_kd`, over 3 student
+seeds. Further settings, each its own section of the report:
 
 - `amazon-scarce10`: 10 % of the target domain's training data (the teacher still sees all of it),
   every stage at least `distill.min_steps` optimiser steps;
 - `amazon-unseen-<domain>`: the meta-teacher never sees that domain (`data.held_out_domain`); read
   that domain's column;
 - `amazon-narrow`: a narrower general-distilled student (4 layers x 128 wide, 4 heads), for its size,
-  latency and accuracy gap.
+  latency and accuracy gap;
+- `mnli` (small and full budgets: four rows) and `mnli-all` (paper budget: every row): the `mnli`
+  preset, the paper's second table, on the 5-genre subset in ../shared/data.
 
 To fit 2 cores, the budgets shrink the paper's protocol (the report lists every reduction), and the
 teachers and general students are trained once and shared by every student seed (so the ± is the
@@ -56,14 +59,19 @@ BUDGETS = {
 }
 NARROW = ["model.student_layers=4", "model.student_hidden=128", "model.student_heads=4", "general.lr=3e-4",
           "general.epochs=4"]
-# setting -> (overrides, methods, seeds for this budget)
+# setting -> (preset, overrides, methods, seeds for this budget)
 SETTINGS = {
-    "amazon": ([], "all", {"small": 3, "full": 3, "paper": 3}),
-    "amazon-scarce10": (["data.target_fraction=0.1"], "no_kd,tinybert_kd(single),meta_kd",
+    "amazon": ("amazon", [], "all", {"small": 3, "full": 3, "paper": 3}),
+    "amazon-scarce10": ("amazon", ["data.target_fraction=0.1"], "no_kd,tinybert_kd(single),meta_kd",
                         {"small": 3, "full": 3, "paper": 3}),
-    "amazon-unseen-books": (["data.held_out_domain=books"], "meta_kd,no_kd", {"small": 1, "full": 3, "paper": 3}),
-    "amazon-unseen-kitchen": (["data.held_out_domain=kitchen"], "meta_kd,no_kd", {"full": 3, "paper": 3}),
-    "amazon-narrow": (NARROW, "meta_kd,no_kd", {"small": 1, "full": 3, "paper": 3}),
+    "amazon-unseen-books": ("amazon", ["data.held_out_domain=books"], "meta_kd,no_kd",
+                            {"small": 1, "full": 3, "paper": 3}),
+    "amazon-unseen-kitchen": ("amazon", ["data.held_out_domain=kitchen"], "meta_kd,no_kd", {"full": 3, "paper": 3}),
+    "amazon-narrow": ("amazon", NARROW, "meta_kd,no_kd", {"small": 1, "full": 3, "paper": 3}),
+    # the paper's second table: premise/hypothesis pairs (head truncation), 5 genres
+    "mnli": ("mnli", ["data.truncation=head"], "meta_kd,no_kd,tinybert_kd(mix),tinybert_kd(meta)",
+             {"small": 1, "full": 3}),
+    "mnli-all": ("mnli", [], "all", {"paper": 3}),
 }
 
 
@@ -91,13 +99,13 @@ def main() -> None:
     wanted = args.only.split(",") if args.only else list(SETTINGS)
     try:
         for name in wanted:
-            overrides, methods, seeds = SETTINGS[name]
+            preset, overrides, methods, seeds = SETTINGS[name]
             for seed in range(args.seeds or seeds.get(args.budget, 0)):
                 out = work / f"{name}-seed{seed}"
-                cfg = load_config("amazon", BUDGETS[args.budget] + overrides + args.set + [
+                cfg = load_config(preset, BUDGETS[args.budget] + overrides + args.set + [
                     f"name={name}", f"output_dir={out}", f"distill.seed={seed}",
                     f"tracking.tracking_uri={store}", "tracking.experiment=fidelity"])
-                share_teachers(work / f"shared-{cfg.data.held_out_domain or 'all'}", out)
+                share_teachers(work / f"shared-{preset}-{cfg.data.held_out_domain or 'all'}", out)
                 t0 = time.time()
                 print(f"\n=== {name} seed {seed} ({time.time() - started:.0f}s so far) ===", flush=True)
                 run_pipeline(cfg, resolve_methods(methods, cfg))
@@ -111,7 +119,7 @@ def main() -> None:
                        "meta_kd_margins": info["meta_kd_margins"]}
                 for name, info in summary.items()}
     payload = {"budget": args.budget, "overrides": BUDGETS[args.budget] + args.set,
-               "settings_run": {name: SETTINGS[name][:2] for name in wanted},
+               "settings_run": {name: SETTINGS[name][:3] for name in wanted},
                "seconds_total": round(time.time() - started, 1), "seconds_per_run": timings,
                "trained_by_an_earlier_invocation": reused,
                "mlflow": store, "report": str(report_dir.relative_to(REPO)), "settings": headline}

@@ -36,7 +36,8 @@ def plain_loop(settings: dict, train, weights: np.ndarray, steps: int, device: t
     device = device or torch.device("cpu")
     torch.set_num_threads(settings["threads"])
     seed_everything(settings["seed"])
-    model = build_teacher(settings["model_name"], settings["labels"], settings["domains"], settings["dropout"])
+    model = build_teacher(settings["model_name"], settings["labels"], settings["domains"], settings["dropout"],
+                          settings["pooling"])
     model.to(device).train()
     optimizer, scheduler = make_optimizer(model, settings["lr"], settings["weight_decay"], steps,
                                           settings["warmup_fraction"])

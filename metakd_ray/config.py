@@ -96,6 +96,10 @@ class ModelConfig:
     # teacher layer round(j·N_T/N_S), TinyBERT's map) or an explicit list, one per student layer.
     layer_map: typing.Union[str, list[int]] = "uniform"
     dropout: float = 0.1
+    # What the classifier reads, for teacher and students alike: "cls" the encoder's pooler on [CLS]
+    # (BERT, the paper), or "mean" the mean of the last layer's tokens (sentence encoders such as
+    # MiniLM, trained to be read that way).
+    pooling: str = "cls"
 
 
 @dataclass
@@ -426,6 +430,7 @@ def validate(cfg: Config) -> None:
     _choice("distill.term_scale", cfg.distill.term_scale, TERM_SCALES)
     _choice("distill.stage1_schedule", cfg.distill.stage1_schedule, ("linear", "constant"))
     _choice("data.truncation", cfg.data.truncation, TRUNCATIONS)
+    _choice("model.pooling", cfg.model.pooling, ("cls", "mean"))
     _choice("teacher.placement_strategy", cfg.teacher.placement_strategy,
             ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     # aliases (tinybert-meta) become the paper's names (tinybert_kd(meta)) used in results and reports

@@ -149,7 +149,8 @@ def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_pa
     layer_map = cfg.layer_map
     student = build_student(cfg.model.teacher, cfg.model.student_init, cfg.model.student_layers,
                             cfg.teacher_arch.width, data.labels, data.domains, cfg.model.dropout,
-                            trained_teacher=teacher_path if spec.distils else None, general=general).to(device)
+                            trained_teacher=teacher_path if spec.distils else None, general=general,
+                            pooling=cfg.model.pooling).to(device)
     tensors = train.tensors()
     history: list[dict] = []
     best = {"acc": -1.0, "state": None, "step": 0}
@@ -275,6 +276,16 @@ def student_key(cfg: Config, data: PreparedData, job: StudentJob, teacher_key: s
                        cfg.data.target_fraction, job.method, job.domain, SAVE_FORMAT)[:12]
 
 
+def job_teachers(cfg: Config, job: StudentJob, teachers: dict[str, dict]) -> list[dict]:
+    """The teachers a job learns from, each {"name", "key"}: none for no_kd, every domain's
+    single-domain teacher for a multi-teacher method, else the method's one teacher."""
+    if not job.spec.distils:
+        return []
+    names = ([teacher_name(job.spec.teacher_kind, d) for d in cfg.data.domains] if job.spec.multi_teacher
+             else [job.teacher_name])
+    return [{"name": name, "key": teachers[name]["key"]} for name in names]
+
+
 def fetch_teacher(cfg: Config, name: str, key: str) -> Path:
     """The trained teacher's model directory on this node (``outputs.fetch``)."""
     found = fetch(cfg, f"teachers/{name}", key)
@@ -286,7 +297,7 @@ def fetch_teacher(cfg: Config, name: str, key: str) -> Path:
 
 
 def teacher_outputs_task(cfg: Config, data: PreparedData, name: str, key: str, domain: str, scores: dict,
-                         path: str) -> str:
+                         path: str, internals: bool | None = None) -> str:
     """Ray task body: make sure this node has the teacher outputs at ``path`` (fetched from storage or
     computed on the GPU Ray gave the task), and that storage has them too."""
     torch.set_num_threads(cfg.distill.cpus_per_task)
@@ -299,16 +310,20 @@ def teacher_outputs_task(cfg: Config, data: PreparedData, name: str, key: str, d
     device = task_device()
     prepare_device(device)
     teacher, _ = load_model(fetch_teacher(cfg, name, key))
-    compute_teacher_outputs(cfg, data, teacher.to(device), domain, scores, cfg.distill.cache_teacher_targets, target)
+    internals = cfg.distill.cache_teacher_targets if internals is None else internals
+    compute_teacher_outputs(cfg, data, teacher.to(device), domain, scores, internals, target)
     if store:
         store.put(target, rel)
     return path
 
 
 def _student_task(cfg: Config, data: PreparedData, job: StudentJob, teacher_key: str, outputs_path: str | None,
-                  scores: dict, run: RunRef, console, general_key: str = "") -> dict:
+                  scores: dict, run: RunRef, console, general_key: str = "", peers: tuple = (),
+                  *peer_paths: str) -> dict:
     """Ray task body: train one student on the GPU Ray gave it (else the CPU); return its result
-    and its saved files, so the driver writes them wherever this task ran."""
+    and its saved files, so the driver writes them wherever this task ran. ``peers`` (name, key,
+    internals) and ``peer_paths``: the teachers whose soft labels a multi-teacher method averages,
+    and where their outputs on this domain were written (Ray resolves them before the task starts)."""
     torch.set_num_threads(cfg.distill.cpus_per_task)  # reused workers keep the first import's count
     device = task_device()
     prepare_device(device)
@@ -318,6 +333,10 @@ def _student_task(cfg: Config, data: PreparedData, job: StudentJob, teacher_key:
         # made on another node (or damaged): fetched from storage or rebuilt here
         outputs = load_file(teacher_outputs_task(cfg, data, job.teacher_name, teacher_key, job.domain, scores,
                                                  outputs_path))
+    if peers:
+        logits = [load_file(teacher_outputs_task(cfg, data, name, key, job.domain, scores, path, internals))["logits"]
+                  for (name, key, internals), path in zip(peers, peer_paths)]
+        outputs["logits"] = losses.averaged_soft_labels(logits, cfg.distill.temperature)
     with system_metrics(run):
         # the driver prints the result line; steps go to the progress board
         out = distill_student(cfg, data, job, teacher_path, outputs, run, log=lambda line: None, device=device,
@@ -347,8 +366,7 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
     store = Store.of(cfg)
     general_key = general["key"] if general else ""
     for job in jobs:
-        t_key = teachers[job.teacher_name]["key"] if job.spec.distils else ""
-        key = student_key(cfg, data, job, t_key, general_key)
+        key = student_key(cfg, data, job, "+".join(t["key"] for t in job_teachers(cfg, job, teachers)), general_key)
         directory = student_dir(cfg, job.method, job.domain)
         if store and (read_json(directory / "result.json") or {}).get("key") != key:
             store.get(f"students/{job.method}/{job.domain}", directory)
@@ -370,19 +388,31 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
     data_ref, scores_ref = ray.put(data), ray.put(scores)
     console = start_console()
     output_refs, pending = {}, {}
+
+    def outputs_of(name: str, domain: str, internals: bool | None = None):
+        """One teacher pass per (teacher, domain, with internals or not), shared by every student
+        that needs it."""
+        if (name, domain, internals) not in output_refs:
+            t_key = teachers[name]["key"]
+            path = str(teacher_outputs_path(cfg, t_key, name, domain, internals))
+            output_refs[(name, domain, internals)] = outputs_remote.remote(cfg, data_ref, name, t_key, domain,
+                                                                           scores_ref, path, internals)
+        return output_refs[(name, domain, internals)]
+
     for job, key in todo:
-        t_key, outputs = "", None
+        t_key, outputs, peers = "", None, []
         if job.spec.distils:
             t_key = teachers[job.teacher_name]["key"]
-            path = str(teacher_outputs_path(cfg, t_key, job.teacher_name, job.domain))
-            if (job.teacher_name, job.domain) not in output_refs:  # one teacher pass per (teacher, domain)
-                output_refs[(job.teacher_name, job.domain)] = outputs_remote.remote(
-                    cfg, data_ref, job.teacher_name, t_key, job.domain, scores_ref, path)
-            outputs = output_refs[(job.teacher_name, job.domain)]
+            outputs = outputs_of(job.teacher_name, job.domain)
+        if job.spec.multi_teacher:  # the other domains' teachers: their soft labels only
+            peers = [(t["name"], t["key"], None if t["name"] == job.teacher_name else False)
+                     for t in job_teachers(cfg, job, teachers)]
         run = open_run(cfg, f"student/{job.method}/{job.domain}/{key}", f"student-{job.method}-{job.domain}",
                        "student", parent, {"metakd.domain": job.domain, "metakd.method": job.method,
                                            "metakd.teacher": job.teacher_name or "none"})
-        ref = student_remote.remote(cfg, data_ref, job, t_key, outputs, scores_ref, run, console, general_key)
+        ref = student_remote.remote(cfg, data_ref, job, t_key, outputs, scores_ref, run, console, general_key,
+                                    tuple(peers), *[outputs_of(name, job.domain, internals)
+                                                    for name, _, internals in peers])
         pending[ref] = (job, key, run)
 
     failures = {}

@@ -81,6 +81,17 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return -(target * (student_logits / temperature).log_softmax(-1)).sum(-1)
 
 
+def averaged_soft_labels(teacher_logits: list[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """Logits whose soft labels are the mean of several teachers' soft labels (multi-teacher KD):
+
+        z̄ = τ · log( (1/K) Σ_j softmax(z^j / τ) ),   so   softmax(z̄ / τ) = (1/K) Σ_j softmax(z^j / τ)
+
+    and ``soft_cross_entropy(z^S, z̄, τ)`` distils from the averaged distribution.
+    """
+    probs = torch.stack([(z.float() / temperature).softmax(-1) for z in teacher_logits]).mean(0)
+    return temperature * probs.log()
+
+
 def target_mean_square(target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The scale of a distillation target over its real entries (a constant, no gradient):
 

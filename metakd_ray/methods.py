@@ -9,14 +9,18 @@ A student of method m for target domain k learns from the teacher of kind ``m.te
               m.domain_term else 0
     stage 2:  L_2 = mean_i soft_CE(z^S_i, z^T_i; τ)
 
-``no_kd`` has no teacher: the student is fine-tuned on the hard labels alone.
+``no_kd`` has no teacher: the student is fine-tuned on the hard labels alone. A multi-teacher
+method (``mtn_kd``, the paper's "Multi-teachers → MTN-KD" row, whose exact method the paper leaves
+open) learns stage 1 from the target domain's own single-domain teacher, as tinybert_kd(single)
+does, and stage 2 from the average of the soft labels of all K single-domain teachers
+(``losses.averaged_soft_labels``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-TEACHER_KINDS = ("meta", "mix", "single")
+TEACHER_KINDS = ("meta", "mix", "mtl", "single")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class Method:
     use_lambda: bool  # weight instances by the teacher's domain expertise λ
     domain_term: bool  # add γ2 · the transferable-knowledge (domain vector) loss to stage 1
     summary: str
+    multi_teacher: bool = False  # stage 2 from the averaged soft labels of every domain's teacher
 
     @property
     def distils(self) -> bool:
@@ -44,8 +49,12 @@ METHODS = {m.name: m for m in (
     Method("tinybert_kd(meta)", "tinybert-meta", "meta", False, False, "TinyBERT-KD from the meta-teacher"),
     Method("tinybert_kd(mix)", "tinybert-mix", "mix", False, False,
            "TinyBERT-KD from a teacher trained on all domains mixed"),
+    Method("tinybert_kd(mtl)", "tinybert-mtl", "mtl", False, False,
+           "TinyBERT-KD from a multi-task teacher (shared encoder, one head per domain)"),
     Method("tinybert_kd(single)", "tinybert-single", "single", False, False,
            "TinyBERT-KD from the target domain's own teacher"),
+    Method("mtn_kd", "mtn-kd", "single", False, False,
+           "multi-teacher KD: the K single-domain teachers' soft labels averaged", multi_teacher=True),
 )}
 ALIASES = {m.alias: m for m in METHODS.values()}
 META_KD = METHODS["meta_kd"]

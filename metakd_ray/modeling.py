@@ -1,6 +1,10 @@
 """The Meta-KD teacher and student as a Hugging Face model: encoder + classifier + domain branch.
 
-    z      = W_cls · ReLU(pool(x)) + b                         (classifier)
+    z      = W_cls · ReLU(pool(x)) + b     (pooling "cls": pool = the encoder's pooler on [CLS])
+    z      = W_cls · c(x) + b                (pooling "mean": the masked token mean, how sentence
+                                               encoders such as MiniLM were trained to be read)
+    z      = (W_cls · ...)[k]                (domain_heads: one classifier head per domain, the
+                                               head of each example's domain k; the BERT-mtl teacher)
     c(x)   = masked mean of the last hidden layer               (content vector)
     pre    = W_c (c(x) + E_D[k]) + b                            (domain vector h_d, taken pre-tanh)
     g      = Dropout(tanh(pre)),  domain_logits = W_d g + b_d    (domain branch)
@@ -38,13 +42,16 @@ class MetaKDConfig(PretrainedConfig):
     model_type = "metakd"
 
     def __init__(self, encoder: dict | None = None, num_domains: int = 1, projection_dim: int = 0,
-                 classifier_dropout: float = 0.1, metakd: dict | None = None, **kwargs):
+                 classifier_dropout: float = 0.1, metakd: dict | None = None, pooling: str = "cls",
+                 domain_heads: bool = False, **kwargs):
         kwargs.setdefault("problem_type", "single_label_classification")
         super().__init__(**kwargs)
         self.encoder = encoder or {}
         self.num_domains = num_domains
         self.projection_dim = projection_dim
         self.classifier_dropout = classifier_dropout
+        self.pooling = pooling
+        self.domain_heads = domain_heads
         self.metakd = metakd or {}
 
 
@@ -68,8 +75,10 @@ class MetaKDForSequenceClassification(PreTrainedModel):
         ``config.encoder`` for ``from_pretrained`` to fill."""
         super().__init__(config)
         self.encoder = encoder if encoder is not None else AutoModel.from_config(encoder_config(config))
+        if config.pooling == "mean" and getattr(self.encoder, "pooler", None) is not None:
+            self.encoder.pooler = None  # unused: DDP would wait forever for its gradients
         width = self.encoder.config.hidden_size
-        self.classifier = nn.Linear(width, config.num_labels)
+        self.classifier = nn.Linear(width, config.num_labels * (config.num_domains if config.domain_heads else 1))
         self.domain_embedding = nn.Embedding(config.num_domains, width)
         self.domain_corrupt = nn.Linear(width, width)
         self.domain_classifier = nn.Linear(width, config.num_domains)
@@ -107,12 +116,21 @@ class MetaKDForSequenceClassification(PreTrainedModel):
         finally:
             for h in handles:
                 h.remove()
-        pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
-        logits = self.classifier(torch.relu(pooled))
+        content = mean_pool(out.last_hidden_state, attention_mask)
+        if self.config.pooling == "mean":
+            logits = self.classifier(content)
+        else:
+            pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
+            logits = self.classifier(torch.relu(pooled))
+        if self.config.domain_heads:
+            if domain_ids is None:
+                raise ValueError("this model has one classifier head per domain (teacher.kind mtl): "
+                                 "pass domain_ids to choose the head")
+            rows = torch.arange(len(logits), device=logits.device)
+            logits = logits.view(len(logits), self.config.num_domains, -1)[rows, domain_ids]
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         domain_logits = pre = None
         if grl_scale or domain_ids is not None:
-            content = mean_pool(out.last_hidden_state, attention_mask)
             if grl_scale:
                 # DANN: the head sees the content alone, the encoder receives the reversed gradient.
                 branch_in = grad_reverse(content, grl_scale)

@@ -47,21 +47,25 @@ def quiet_transformers() -> None:
 
 
 def wrap_encoder(encoder, labels: list[str], domains: list[str], projection_dim: int = 0,
-                 dropout: float = 0.1) -> MetaKDForSequenceClassification:
+                 dropout: float = 0.1, pooling: str = "cls", domain_heads: bool = False) -> MetaKDForSequenceClassification:
     """A Meta-KD model around a loaded encoder; the heads start at PyTorch's default initialisation."""
     config = MetaKDConfig(encoder=encoder.config.to_dict(), num_domains=len(domains), projection_dim=projection_dim,
-                          classifier_dropout=dropout, id2label=dict(enumerate(labels)),
+                          classifier_dropout=dropout, pooling=pooling, domain_heads=domain_heads, id2label=dict(enumerate(labels)),
                           label2id={label: i for i, label in enumerate(labels)}, metakd={"domains": list(domains)})
     return MetaKDForSequenceClassification(config, encoder)
 
 
-def build_teacher(name: str, labels: list[str], domains: list[str], dropout: float = 0.1):
-    return wrap_encoder(load_encoder(model_path(name)), labels, domains, dropout=dropout)
+def build_teacher(name: str, labels: list[str], domains: list[str], dropout: float = 0.1, pooling: str = "cls",
+                  domain_heads: bool = False):
+    """A teacher before training; ``domain_heads``: one classifier head per domain (``teacher.kind: mtl``)."""
+    return wrap_encoder(load_encoder(model_path(name)), labels, domains, dropout=dropout, pooling=pooling,
+                        domain_heads=domain_heads)
 
 
 def build_student(teacher_name: str, student_init: str, student_layers: int, teacher_width: int,
                   labels: list[str], domains: list[str], dropout: float = 0.1,
-                  trained_teacher: Path | None = None, general: Path | None = None) -> MetaKDForSequenceClassification:
+                  trained_teacher: Path | None = None, general: Path | None = None,
+                  pooling: str = "cls") -> MetaKDForSequenceClassification:
     """The student's starting point (``model.student_init``):
 
     "" / "pretrained"  the first ``student_layers`` layers of the pretrained teacher checkpoint;
@@ -75,21 +79,24 @@ def build_student(teacher_name: str, student_init: str, student_layers: int, tea
         if general is None:
             raise MetaKDError("model.student_init is 'general' but no general-distilled student was given")
         student = wrap_encoder(load_encoder(str(general / "encoder")), labels, domains,
-                               projection_dim=teacher_width, dropout=dropout)
+                               projection_dim=teacher_width, dropout=dropout, pooling=pooling)
         student.projection.load_state_dict(load_file(general / FIT_FILE))
         return student
     if student_init == "teacher" and trained_teacher is not None:
         teacher, _ = load_model(trained_teacher)
         student = wrap_encoder(load_encoder(model_path(teacher_name), student_layers), labels, domains,
-                               projection_dim=teacher_width, dropout=dropout)
-        # the teacher's first layers and heads; its deeper layers have no place in the student
-        student.load_state_dict(teacher.state_dict(), strict=False)
+                               projection_dim=teacher_width, dropout=dropout, pooling=pooling)
+        # the teacher's first layers and heads; its deeper layers have no place in the student, nor
+        # do the per-domain heads of an mtl teacher
+        own = student.state_dict()
+        student.load_state_dict({k: v for k, v in teacher.state_dict().items()
+                                 if k in own and own[k].shape == v.shape}, strict=False)
         return student
     if student_init not in ("", "pretrained", "teacher"):
         encoder = load_encoder(model_path(student_init))
     else:
         encoder = load_encoder(model_path(teacher_name), student_layers)
-    return wrap_encoder(encoder, labels, domains, projection_dim=teacher_width, dropout=dropout)
+    return wrap_encoder(encoder, labels, domains, projection_dim=teacher_width, dropout=dropout, pooling=pooling)
 
 
 def save_model(model, directory: Path, meta: dict, tokenizer_from: str | None = None,

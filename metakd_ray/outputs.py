@@ -62,10 +62,12 @@ def student_dir(cfg: Config, method: str, domain: str) -> Path:
     return cfg.out / "students" / method / domain
 
 
-def teacher_outputs_path(cfg: Config, teacher_key: str, teacher_name: str, domain: str) -> Path:
-    """The cached teacher pass over one domain's student data (see ``distill.compute_teacher_outputs``)."""
-    key = content_key(teacher_key, domain, cfg.data.target_fraction, cfg.layer_map,
-                      cfg.distill.cache_teacher_targets)
+def teacher_outputs_path(cfg: Config, teacher_key: str, teacher_name: str, domain: str,
+                         internals: bool | None = None) -> Path:
+    """The cached teacher pass over one domain's student data (see ``distill.compute_teacher_outputs``);
+    ``internals`` (default ``distill.cache_teacher_targets``): with hidden/attention targets."""
+    internals = cfg.distill.cache_teacher_targets if internals is None else internals
+    key = content_key(teacher_key, domain, cfg.data.target_fraction, cfg.layer_map, internals)
     return cfg.out / "teacher_outputs" / teacher_name / f"{domain}-{key}.safetensors"
 
 

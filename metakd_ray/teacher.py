@@ -6,8 +6,9 @@
 
 The objective is ``losses.teacher_loss``: t-weighted CE plus γ1 times the domain loss.
 
-Kinds: ``meta`` (t weights + domain loss), ``mix`` (all domains, plain CE), ``single`` (one teacher
-per domain, plain CE). ``train_loop_per_worker`` reads top to bottom; Ray appears only at its edges
+Kinds: ``meta`` (t weights + domain loss), ``mix`` (all domains, plain CE), ``mtl`` (all domains,
+plain CE, one classifier head per domain: the paper's BERT-mtl), ``single`` (one teacher per domain,
+plain CE). ``train_loop_per_worker`` reads top to bottom; Ray appears only at its edges
 (context, device, checkpoint restore, report). Every ``teacher.eval_every`` steps rank 0 evaluates
 each domain's dev set and reports ``val/<domain>/acc`` and their mean ``val/acc`` with a checkpoint
 (model, optimiser, scheduler, step, RNG); the best checkpoint by ``val/acc`` becomes the teacher.
@@ -65,7 +66,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     # [2] Model (moved to the device by prepare_model), optimiser, schedule.
     seed_everything(config["seed"])
-    model = build_teacher(config["model_name"], config["labels"], config["domains"], config["dropout"])
+    model = build_teacher(config["model_name"], config["labels"], config["domains"], config["dropout"],
+                          config["pooling"], config["domain_heads"])
     model = ray.train.torch.prepare_model(model)
     core = getattr(model, "module", model)
     global_batch, local_batch = config["batch_size"], config["batch_size"] // world
@@ -183,7 +185,7 @@ def _load_training_state(directory: Path, model, optimizer, scheduler, rank: int
 
 
 def teacher_objective(cfg: Config, kind: str) -> dict:
-    """Effective loss settings of a teacher kind (mix and single are plain CE baselines)."""
+    """Effective loss settings of a teacher kind (mix, mtl and single are plain CE baselines)."""
     meta = kind == "meta"
     return {"use_weights": meta and cfg.teacher.use_prototype_weights,
             "domain_loss": cfg.teacher.domain_loss,
@@ -196,6 +198,7 @@ def loop_settings(cfg: Config, data: PreparedData, kind: str) -> dict:
     tcfg = cfg.teacher
     return {"threads": tcfg.cpus_per_worker, "seed": cfg.seed, "model_name": cfg.model.teacher,
             "labels": data.labels, "domains": data.domains, "dropout": cfg.model.dropout,
+            "pooling": cfg.model.pooling, "domain_heads": kind == "mtl",
             "batch_size": tcfg.batch_size, "epochs": tcfg.epochs, "lr": tcfg.lr,
             "weight_decay": tcfg.weight_decay, "warmup_fraction": tcfg.warmup_fraction,
             "max_grad_norm": tcfg.max_grad_norm,
@@ -237,10 +240,12 @@ def make_trainer(cfg: Config, loop_config: dict, run_name: str, storage: str, ca
     )
 
 
-def load_best_teacher(cfg: Config, data: PreparedData, result) -> tuple[MetaKDForSequenceClassification, dict]:
+def load_best_teacher(cfg: Config, data: PreparedData, result, kind: str = "meta"
+                      ) -> tuple[MetaKDForSequenceClassification, dict]:
     """The best checkpoint of a finished fit (by ``val/acc``) as a model, with its metrics."""
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val/acc"])
-    model = build_teacher(cfg.model.teacher, data.labels, data.domains, cfg.model.dropout)
+    model = build_teacher(cfg.model.teacher, data.labels, data.domains, cfg.model.dropout, cfg.model.pooling,
+                          domain_heads=kind == "mtl")
     with best_ckpt.as_directory() as d:
         model.load_state_dict(load_file(Path(d) / "model.safetensors"))
     return model, best_metrics
@@ -248,7 +253,8 @@ def load_best_teacher(cfg: Config, data: PreparedData, result) -> tuple[MetaKDFo
 
 def teacher_key(cfg: Config, data: PreparedData, kind: str, domain: str = "") -> str:
     # the student's settings in `model` do not change the teacher
-    return content_key(data.key, cfg.model.teacher, cfg.model.dropout, cfg.hash("teacher", "prototypes", "seed"),
+    return content_key(data.key, cfg.model.teacher, cfg.model.dropout, cfg.model.pooling,
+                       cfg.hash("teacher", "prototypes", "seed"),
                        cfg.precision,
                        cfg.data.held_out_domain, kind, domain, SAVE_FORMAT)[:12]
 
@@ -310,7 +316,7 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
         raise
 
     # [4] The best checkpoint becomes the teacher: evaluate it on every domain, save it atomically.
-    model, best_metrics = load_best_teacher(cfg, data, result)
+    model, best_metrics = load_best_teacher(cfg, data, result, kind)
     model.to(task_device())
     eval_ids = domain_ids if kind == "single" else list(range(len(data.domains)))
     dev_acc = accuracy_by_domain(model, data.splits["dev"].for_domains(eval_ids), data.domains)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from metakd_ray.config import load_config
 from metakd_ray.data.prepare import prepare
 from metakd_ray.distill import StudentJob, compute_teacher_outputs, distill_student
+from metakd_ray.modeling import mean_pool
 from metakd_ray.models import build_student, build_teacher, load_model, save_model
 from metakd_ray.prototypes import compute_prototype_scores
 from metakd_ray.training import batch_at
@@ -74,6 +75,34 @@ def test_student_is_the_teachers_first_layers_and_round_trips(prepared, tmp_path
     assert torch.allclose(a.logits, c.logits, atol=1e-5)
 
 
+def test_mtl_teacher_reads_each_examples_domain_head_and_mean_pooling_round_trips(prepared, tmp_path):
+    cfg, data, scores, _ = prepared
+    teacher = build_teacher(cfg.model.teacher, data.labels, data.domains, pooling="mean", domain_heads=True).eval()
+    assert teacher.classifier.out_features == len(data.labels) * len(data.domains)
+    b = batch_at(data.splits["dev"].tensors(), [0, 1, 2, 3])
+    b["domain_ids"] = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        out = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"])
+        content = teacher.encoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                  token_type_ids=b["token_type_ids"]).last_hidden_state
+        heads = teacher.classifier(mean_pool(content, b["attention_mask"])).view(4, len(data.domains), -1)
+    assert torch.allclose(out.logits, heads[torch.arange(4), b["domain_ids"]], atol=1e-5)
+    with pytest.raises(ValueError, match="one classifier head per domain"):
+        teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    save_model(teacher, tmp_path / "t", {"kind": "mtl"})
+    loaded, _ = load_model(tmp_path / "t")
+    assert loaded.config.pooling == "mean" and loaded.config.domain_heads
+    with torch.no_grad():
+        again = loaded(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"])
+    assert torch.allclose(out.logits, again.logits, atol=1e-5)
+    # a student cut from it keeps the encoder layers and starts its single head afresh
+    student = build_student(cfg.model.teacher, "teacher", 1, 384, data.labels, data.domains,
+                            trained_teacher=tmp_path / "t", pooling="mean")
+    assert student.classifier.out_features == len(data.labels)
+    assert torch.equal(student.encoder.encoder.layer[0].output.dense.weight,
+                       loaded.encoder.encoder.layer[0].output.dense.weight)
+
+
 def test_attention_scores_hook_matches_eager_attention(prepared):
     _, data, _, teacher = prepared
     from transformers import AutoModel
@@ -126,13 +155,13 @@ def test_run_pipeline_results_agree_with_mlflow(ray_local, tiny_config, capsys):
     from metakd_ray.cli import main
 
     config = tiny_config()
-    assert main(["run", str(config), "--methods", "meta_kd,no_kd,tinybert_kd(meta)"]) == 0
+    assert main(["run", str(config), "--methods", "meta_kd,no_kd,tinybert-mtl"]) == 0
     out = capsys.readouterr().out
     cfg = load_config(str(config))
     results = json.loads((cfg.out / "results.json").read_text())
     assert results["domains"] == ["books", "kitchen"]
-    assert set(results["students"]) == {"meta_kd", "no_kd", "tinybert_kd(meta)"}
-    assert set(results["teacher"]["meta"]) == {"books", "kitchen"}
+    assert set(results["students"]) == {"meta_kd", "no_kd", "tinybert_kd(mtl)"}
+    assert set(results["teacher"]["meta"]) == set(results["teacher"]["mtl"]) == {"books", "kitchen"}
     assert "meta_kd" in out and "mean" in out  # the printed table
 
     client = MlflowClient(results["mlflow"]["tracking_uri"])
@@ -154,8 +183,10 @@ def test_run_pipeline_results_agree_with_mlflow(ray_local, tiny_config, capsys):
             files = [a.path for a in client.list_logged_model_artifacts(r["model_id"])]
             assert "MLmodel" in files and "input_example.json" in files
             assert (cfg.out / "students" / method / domain / "model" / "README.md").is_file()
-    # both KD methods share one teacher pass per domain
+    # one teacher pass per (teacher, domain); the multi-task teacher answers with each domain's own head
     assert len(list((cfg.out / "teacher_outputs" / "meta").glob("*.safetensors"))) == 2
+    assert len(list((cfg.out / "teacher_outputs" / "mtl").glob("*.safetensors"))) == 2
+    assert load_model(cfg.out / "teachers" / "mtl" / "model")[0].config.domain_heads
     parent_metrics = client.get_run(parent).data.metrics
     assert parent_metrics["test_acc/meta-kd"] == pytest.approx(np.mean([r["test_acc"] for r in
                                                                          results["students"]["meta_kd"].values()]))
@@ -184,6 +215,23 @@ def test_run_pipeline_results_agree_with_mlflow(ray_local, tiny_config, capsys):
     assert exported["checks"]["onnx fp32"]["label_agreement"] == 1.0
     assert exported["checks"]["onnx int8"]["label_agreement"] >= 0.97
     assert [r["model"] for r in exported["speed"]][:2] == ["teacher pytorch fp32", "student pytorch fp32"]
+
+
+@pytest.mark.slow  # two more teacher fits; the default run covers the averaging in test_math
+@pytest.mark.ray
+def test_multi_teacher_student_reads_every_single_domain_teacher(ray_local, tiny_config):
+    from metakd_ray.cli import main
+
+    config = tiny_config()
+    assert main(["run", str(config), "--methods", "mtn-kd"]) == 0
+    cfg = load_config(str(config))
+    results = json.loads((cfg.out / "results.json").read_text())
+    assert set(results["students"]["mtn_kd"]) == {"books", "kitchen"}
+    assert set(results["teacher"]) == {"single"}
+    # each domain's teacher answered on both domains' training data: 2 teachers x 2 domains
+    for name in ("single-books", "single-kitchen"):
+        assert sorted(p.name.split("-")[0] for p in (cfg.out / "teacher_outputs" / name).glob("*.safetensors")) == [
+            "books", "kitchen"]
 
 
 def test_killed_driver_reruns_only_missing_students(tiny_config, tmp_path):

@@ -142,8 +142,11 @@ def test_validate_prints_resolved_config_with_overrides(capsys):
     ("model.student_layers=8", ["model.student_layers", "deeper than the teacher"]),
     ("model.layer_map=[2,4,6]", ["model.layer_map", "expected 2 entries"]),
     ("model.layer_map=[4,2]", ["model.layer_map", "increasing"]),
-    ("model.student_hidden=100", ["model.student_heads", "not divisible"]),
+    ("model.student_init=general model.student_hidden=100", ["model.student_heads", "not divisible"]),
+    ("model.student_hidden=128", ["model.student_hidden", "model.student_init: general"]),
     ("data.truncation=middle", ["data.truncation", "head_tail"]),
+    ("model.pooling=max", ["model.pooling", "cls, mean"]),
+    ("teacher.kind=multi", ["teacher.kind", "mtl"]),
     ("distill.term_scale=max", ["distill.term_scale", "target"]),
     ("general.lr=0", ["general.lr", "> 0"]),
     ("distill.min_steps=-5", ["distill.min_steps", ">= 0"]),
@@ -159,7 +162,7 @@ def test_validate_prints_resolved_config_with_overrides(capsys):
     ("noequals", ["override", "key=value"]),
 ])
 def test_bad_config_values(capsys, override, needles):
-    code, _, err = run_cli(capsys, "validate", "quickstart", override)
+    code, _, err = run_cli(capsys, "validate", "quickstart", *override.split(" "))
     assert_one_error(code, err, *needles)
 
 

@@ -79,6 +79,21 @@ def test_soft_cross_entropy_hand_computed():
     assert losses.soft_cross_entropy(s, t, 2.0).item() == pytest.approx(expected2, abs=1e-6)
 
 
+def test_averaged_soft_labels_are_the_mean_of_the_teachers_distributions():
+    a, b = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    tau = 0.5
+    mean = (torch.softmax(a / tau, -1) + torch.softmax(b / tau, -1)) / 2  # by hand: [0.5*0.982+0.5*0.119, ...]
+    assert mean[0, 0].item() == pytest.approx(0.5 * (1 / (1 + math.exp(-4))) + 0.5 * (1 / (1 + math.exp(2))))
+    z = losses.averaged_soft_labels([a, b], tau)
+    assert torch.allclose(torch.softmax(z / tau, -1), mean)
+    # the distillation loss against it is the cross-entropy with the averaged distribution
+    s = torch.tensor([[0.3, -0.3]])
+    expected = -(mean * torch.log_softmax(s / tau, -1)).sum(-1)
+    assert torch.allclose(losses.soft_cross_entropy(s, z, tau), expected)
+    # one teacher: its own soft labels
+    assert torch.allclose(torch.softmax(losses.averaged_soft_labels([a], tau) / tau, -1), torch.softmax(a / tau, -1))
+
+
 def test_hidden_mse_masks_padding_and_uses_projection():
     hs = [torch.ones(1, 3, 2), torch.zeros(1, 3, 2)]
     ht = [torch.zeros(1, 3, 2), torch.zeros(1, 3, 2)]
