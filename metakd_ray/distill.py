@@ -321,9 +321,10 @@ def _student_task(cfg: Config, data: PreparedData, job: StudentJob, teacher_key:
                   scores: dict, run: RunRef, console, general_key: str = "", peers: tuple = (),
                   *peer_paths: str) -> dict:
     """Ray task body: train one student on the GPU Ray gave it (else the CPU); return its result
-    and its saved files, so the driver writes them wherever this task ran. ``peers`` (name, key,
-    internals) and ``peer_paths``: the teachers whose soft labels a multi-teacher method averages,
-    and where their outputs on this domain were written (Ray resolves them before the task starts)."""
+    and its saved files, so the driver writes them wherever this task ran. ``peers`` (name, key)
+    and ``peer_paths``: the other teachers whose soft labels a multi-teacher method averages with
+    its own teacher's, and where their logits-only passes over this domain were written (Ray
+    resolves them before the task starts)."""
     torch.set_num_threads(cfg.distill.cpus_per_task)  # reused workers keep the first import's count
     device = task_device()
     prepare_device(device)
@@ -334,9 +335,9 @@ def _student_task(cfg: Config, data: PreparedData, job: StudentJob, teacher_key:
         outputs = load_file(teacher_outputs_task(cfg, data, job.teacher_name, teacher_key, job.domain, scores,
                                                  outputs_path))
     if peers:
-        logits = [load_file(teacher_outputs_task(cfg, data, name, key, job.domain, scores, path, internals))["logits"]
-                  for (name, key, internals), path in zip(peers, peer_paths)]
-        outputs["logits"] = losses.averaged_soft_labels(logits, cfg.distill.temperature)
+        logits = [load_file(teacher_outputs_task(cfg, data, name, key, job.domain, scores, path, False))["logits"]
+                  for (name, key), path in zip(peers, peer_paths)]
+        outputs["logits"] = losses.averaged_soft_labels([outputs["logits"]] + logits, cfg.distill.temperature)
     with system_metrics(run):
         # the driver prints the result line; steps go to the progress board
         out = distill_student(cfg, data, job, teacher_path, outputs, run, log=lambda line: None, device=device,
@@ -405,14 +406,12 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
             t_key = teachers[job.teacher_name]["key"]
             outputs = outputs_of(job.teacher_name, job.domain)
         if job.spec.multi_teacher:  # the other domains' teachers: their soft labels only
-            peers = [(t["name"], t["key"], None if t["name"] == job.teacher_name else False)
-                     for t in job_teachers(cfg, job, teachers)]
+            peers = [(t["name"], t["key"]) for t in job_teachers(cfg, job, teachers) if t["name"] != job.teacher_name]
         run = open_run(cfg, f"student/{job.method}/{job.domain}/{key}", f"student-{job.method}-{job.domain}",
                        "student", parent, {"metakd.domain": job.domain, "metakd.method": job.method,
                                            "metakd.teacher": job.teacher_name or "none"})
         ref = student_remote.remote(cfg, data_ref, job, t_key, outputs, scores_ref, run, console, general_key,
-                                    tuple(peers), *[outputs_of(name, job.domain, internals)
-                                                    for name, _, internals in peers])
+                                    tuple(peers), *[outputs_of(name, job.domain, False) for name, _ in peers])
         pending[ref] = (job, key, run)
 
     failures = {}
