@@ -1,15 +1,22 @@
 """Fidelity: does Meta-KD beat the baseline students on the real Amazon reviews and MNLI genres, over seeds?
 
-    .venv/bin/python bench/fidelity.py --budget small     # 2 cores, see bench/results/fidelity-small.json
-    .venv/bin/python bench/fidelity.py                    # --budget full (2 cores)
+    .venv/bin/python bench/fidelity.py --budget small     # 2 cores: 1 seed of every row and setting
+    .venv/bin/python bench/fidelity.py                    # --budget full (2 cores): 3 seeds, ~90 min
     python bench/fidelity.py --budget paper --set teacher.use_gpu=true --set distill.gpus_per_task=0.5
                                                           # the `amazon` preset's protocol, on a GPU host
 
-The `amazon` preset (MiniLM-L6 teacher -> a 2-layer student general-distilled from it) with every
-row of the paper's table (`--methods all`): `no_kd`, `tinybert_kd` from the single / mix / mtl / meta
-teachers, `mtn_kd` (the single-domain teachers' soft labels averaged) and `meta_kd`, over 3 student
-seeds (1 in the small budget, which still takes over an hour on 2 cores). Further settings, each its
-own section of the report:
+The `amazon` preset (MiniLM-L6 teacher -> a 2-layer student general-distilled from it). The CPU
+budgets share one size (200 reviews per domain, 64 tokens) and differ in what they spend it on:
+
+- small, 1 seed (about 77 min on 2 cores): `amazon` with every row of the paper's table
+  (`--methods all`: `no_kd`, `tinybert_kd` from the single / mix / mtl / meta teachers, `mtn_kd`
+  (the single-domain teachers' soft labels averaged) and `meta_kd`), and one seed of each further
+  setting below;
+- full, 3 seeds (fits 90 min on 2 cores): `amazon-3seeds`, the decisive rows (`no_kd`, the two
+  strongest single-teacher KD rows of the small budget, `meta_kd`), and `amazon-scarce10`;
+- paper, 3 seeds: every setting at the preset's own sizes, for a GPU host.
+
+Further settings, each its own section of the report:
 
 - `amazon-scarce10`: 10 % of the target domain's training data (the teacher still sees all of it),
   every stage at least `distill.min_steps` optimiser steps;
@@ -17,7 +24,7 @@ own section of the report:
   that domain's column;
 - `amazon-narrow`: a narrower general-distilled student (4 layers x 128 wide, 4 heads), for its size,
   latency and accuracy gap;
-- `mnli` (small and full budgets: four rows) and `mnli-all` (paper budget: every row): the `mnli`
+- `mnli` (small budget: four rows) and `mnli-all` (paper budget: every row): the `mnli`
   preset, the paper's second table, on the 5-genre subset in ../shared/data.
 
 To fit 2 cores, the budgets shrink the paper's protocol (the report lists every reduction), and the
@@ -49,29 +56,30 @@ COMMON = ["model.teacher=minilm", "model.student_layers=2", "model.student_init=
           "data.truncation=head_tail", "data.max_dev_per_domain=0", "teacher.num_workers=2",
           "teacher.batch_size=16", "teacher.lr=1e-4", "teacher.eval_every=25", "distill.stage1_lr=1e-4",
           "distill.stage1_schedule=linear", "distill.stage2_lr=2e-4", "distill.temperature=0.2"]
+# Per-run sizes that fit 2 cores; the small and full budgets differ in seeds and rows, not sizes.
+CPU_SIZES = ["data.max_train_per_domain=200", "data.max_length=64", "teacher.epochs=2", "general.epochs=2",
+             "distill.batch_size=8", "distill.eval_every=25", "distill.stage1_epochs=1", "distill.stage2_epochs=4",
+             "distill.no_kd_epochs=5", "distill.min_steps=60"]
 BUDGETS = {
-    "small": COMMON + ["data.max_train_per_domain=200", "data.max_length=64", "teacher.epochs=2", "general.epochs=2",
-                       "distill.batch_size=8", "distill.eval_every=25", "distill.stage1_epochs=1",
-                       "distill.stage2_epochs=4", "distill.no_kd_epochs=5", "distill.min_steps=60"],
-    "full": COMMON + ["data.max_train_per_domain=500", "data.max_length=128", "teacher.epochs=2", "general.epochs=2",
-                      "distill.batch_size=16", "distill.eval_every=40", "distill.stage1_epochs=2",
-                      "distill.stage2_epochs=4", "distill.no_kd_epochs=6", "distill.min_steps=100"],
+    "small": COMMON + CPU_SIZES,
+    "full": COMMON + CPU_SIZES,
     "paper": [],  # the amazon preset as it is
 }
 NARROW = ["model.student_layers=4", "model.student_hidden=128", "model.student_heads=4", "general.lr=3e-4",
           "general.epochs=4"]
 # setting -> (preset, overrides, methods, seeds for this budget)
 SETTINGS = {
-    "amazon": ("amazon", [], "all", {"small": 1, "full": 3, "paper": 3}),
+    "amazon": ("amazon", [], "all", {"small": 1, "paper": 3}),
+    # the decisive rows over 3 seeds: Meta-KD against the label-trained student and the two strongest
+    # single-teacher KD rows of the small budget
+    "amazon-3seeds": ("amazon", [], "no_kd,tinybert_kd(mix),tinybert_kd(meta),meta_kd", {"full": 3}),
     "amazon-scarce10": ("amazon", ["data.target_fraction=0.1"], "no_kd,tinybert_kd(single),meta_kd",
                         {"small": 1, "full": 3, "paper": 3}),
-    "amazon-unseen-books": ("amazon", ["data.held_out_domain=books"], "meta_kd,no_kd",
-                            {"small": 1, "full": 3, "paper": 3}),
-    "amazon-unseen-kitchen": ("amazon", ["data.held_out_domain=kitchen"], "meta_kd,no_kd", {"full": 3, "paper": 3}),
-    "amazon-narrow": ("amazon", NARROW, "meta_kd,no_kd", {"small": 1, "full": 3, "paper": 3}),
+    "amazon-unseen-books": ("amazon", ["data.held_out_domain=books"], "meta_kd,no_kd", {"small": 1, "paper": 3}),
+    "amazon-unseen-kitchen": ("amazon", ["data.held_out_domain=kitchen"], "meta_kd,no_kd", {"paper": 3}),
+    "amazon-narrow": ("amazon", NARROW, "meta_kd,no_kd", {"small": 1, "paper": 3}),
     # the paper's second table: premise/hypothesis pairs (head truncation), 5 genres
-    "mnli": ("mnli", ["data.truncation=head"], "meta_kd,no_kd,tinybert_kd(mix),tinybert_kd(meta)",
-             {"small": 1, "full": 3}),
+    "mnli": ("mnli", ["data.truncation=head"], "meta_kd,no_kd,tinybert_kd(mix),tinybert_kd(meta)", {"small": 1}),
     "mnli-all": ("mnli", [], "all", {"paper": 3}),
 }
 
@@ -88,16 +96,20 @@ def main() -> None:
 
     import ray
 
+    from metakd_ray.cluster import worker_env
     from metakd_ray.config import load_config
     from metakd_ray.pipeline import resolve_methods, run_pipeline
     from metakd_ray.report import build_report, load_results
 
+    for key, value in worker_env().items():  # the CLI's quiet terminal (no MLflow download bars) here too
+        os.environ.setdefault(key, value)
     work = Path(args.out or REPO / "bench" / "out" / f"fidelity-{args.budget}").resolve()
     store = f"sqlite:///{work / 'mlflow.db'}"
     timings, started = {}, time.time()
     # seconds below exclude training that an earlier invocation already did (teachers, general students)
     reused = sorted(str(p.parent.relative_to(work)) for p in work.glob("shared-*/*/*/result.json"))
-    wanted = args.only.split(",") if args.only else list(SETTINGS)
+    wanted = args.only.split(",") if args.only else [name for name, (*_, seeds) in SETTINGS.items()
+                                                     if seeds.get(args.budget)]
     try:
         for name in wanted:
             preset, overrides, methods, seeds = SETTINGS[name]
