@@ -40,7 +40,6 @@ bench/results/fidelity-<budget>.json (timings and the headline numbers).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -98,6 +97,7 @@ def main() -> None:
 
     from metakd_ray.cluster import worker_env
     from metakd_ray.config import load_config
+    from metakd_ray.io import atomic_write_json, read_json
     from metakd_ray.pipeline import resolve_methods, run_pipeline
     from metakd_ray.report import build_report, load_results
 
@@ -105,40 +105,56 @@ def main() -> None:
         os.environ.setdefault(key, value)
     work = Path(args.out or REPO / "bench" / "out" / f"fidelity-{args.budget}").resolve()
     store = f"sqlite:///{work / 'mlflow.db'}"
-    timings, started = {}, time.time()
+    started = time.time()
     # seconds below exclude training that an earlier invocation already did (teachers, general students)
     reused = sorted(str(p.parent.relative_to(work)) for p in work.glob("shared-*/*/*/result.json"))
     wanted = args.only.split(",") if args.only else [name for name, (*_, seeds) in SETTINGS.items()
                                                      if seeds.get(args.budget)]
+    report_dir, summary_path = RESULTS / f"fidelity-{args.budget}", RESULTS / f"fidelity-{args.budget}.json"
+    # an --only invocation adds its settings and timings to those of the invocations before it
+    earlier = (read_json(summary_path) or {}) if args.only else {}
+    settings_run, seconds_per_run = earlier.get("settings_run", {}), earlier.get("seconds_per_run", {})
+
+    def record(headline: dict | None = None) -> None:
+        """Write the summary JSON: after every run (a later failure keeps what was measured), then
+        with the report's headline numbers."""
+        atomic_write_json(summary_path, {
+            "budget": args.budget, "overrides": BUDGETS[args.budget] + args.set, "settings_run": settings_run,
+            "seconds_this_invocation": round(time.time() - started, 1), "seconds_per_run": seconds_per_run,
+            "seconds_all_runs": round(sum(seconds_per_run.values()), 1),
+            "trained_by_an_earlier_invocation": reused, "mlflow": store,
+            "report": str(report_dir.relative_to(REPO)), "settings": headline or earlier.get("settings", {})})
+
     try:
         for name in wanted:
             preset, overrides, methods, seeds = SETTINGS[name]
+            settings_run[name] = [preset, overrides, methods]
             for seed in range(args.seeds or seeds.get(args.budget, 0)):
                 out = work / f"{name}-seed{seed}"
                 cfg = load_config(preset, BUDGETS[args.budget] + overrides + args.set + [
                     f"name={name}", f"output_dir={out}", f"distill.seed={seed}",
                     f"tracking.tracking_uri={store}", "tracking.experiment=fidelity"])
+                done = read_json(out / "results.json")
+                if (done and done.get("config_hash") == cfg.hash() and not done.get("failed")
+                        and set(resolve_methods(methods, cfg)) <= set(done["students"])):
+                    print(f"\n=== {name} seed {seed}: finished by an earlier invocation, same config "
+                          f"({out / 'results.json'}; delete it to rerun) ===", flush=True)
+                    continue
                 share_teachers(work / f"shared-{preset}-{cfg.data.held_out_domain or 'all'}", out)
                 t0 = time.time()
                 print(f"\n=== {name} seed {seed} ({time.time() - started:.0f}s so far) ===", flush=True)
                 run_pipeline(cfg, resolve_methods(methods, cfg))
-                timings[f"{name}-seed{seed}"] = round(time.time() - t0, 1)
+                seconds_per_run[f"{name}-seed{seed}"] = round(time.time() - t0, 1)
+                record()
     finally:
         ray.shutdown()
 
-    report_dir = RESULTS / f"fidelity-{args.budget}"
     summary = build_report(load_results([str(work)]), report_dir)
-    headline = {name: {"avg_test_acc": {row: cell["avg"] for row, cell in info["rows"].items()},
-                       "meta_kd_margins": info["meta_kd_margins"]}
-                for name, info in summary.items()}
-    payload = {"budget": args.budget, "overrides": BUDGETS[args.budget] + args.set,
-               "settings_run": {name: SETTINGS[name][:3] for name in wanted},
-               "seconds_total": round(time.time() - started, 1), "seconds_per_run": timings,
-               "trained_by_an_earlier_invocation": reused,
-               "mlflow": store, "report": str(report_dir.relative_to(REPO)), "settings": headline}
-    (RESULTS / f"fidelity-{args.budget}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"\nfidelity ({args.budget}): {payload['seconds_total']:.0f}s; report {report_dir / 'report.md'}; "
-          f"json {RESULTS / f'fidelity-{args.budget}.json'}")
+    record({name: {"avg_test_acc": {row: cell["avg"] for row, cell in info["rows"].items()},
+                   "meta_kd_margins": info["meta_kd_margins"]}
+            for name, info in summary.items()})
+    print(f"\nfidelity ({args.budget}): {time.time() - started:.0f}s; report {report_dir / 'report.md'}; "
+          f"json {summary_path}")
 
 
 def share_teachers(shared: Path, out: Path) -> None:

@@ -46,26 +46,38 @@ def histogram(path: Path, t: np.ndarray, domain_ids: np.ndarray, domains: list[s
 # --------------------------------------------------------------------------- the report's figures
 
 
+def domain_groups(settings: list[Setting]) -> list[tuple[list[str], list[Setting]]]:
+    """Settings grouped by their domains (Amazon reviews, MNLI genres): one row of panels each."""
+    groups: dict[tuple, list] = {}
+    for s in settings:
+        groups.setdefault(tuple(s.domains), []).append(s)
+    return [(list(domains), group) for domains, group in groups.items()]
+
+
 def heatmap(settings: list[Setting], summary: dict, path: Path) -> None:
     plt = _pyplot()
 
-    labels, matrix, columns = [], [], None
-    for s in settings:
-        columns = s.domains + ["Avg"]
-        for row, cell in summary[s.name]["rows"].items():
-            labels.append(row if len(settings) == 1 else f"{row} [{s.name}]")
-            matrix.append([cell["per_domain"][d]["mean"] for d in s.domains] + [cell["avg"]["mean"]])
-    values = np.array(matrix) * 100
-    fig, ax = plt.subplots(figsize=(1.4 * len(columns) + 3, 0.45 * len(labels) + 1.5))
-    im = ax.imshow(values, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(columns)), columns)
-    ax.set_yticks(range(len(labels)), labels)
-    for i in range(values.shape[0]):
-        for j in range(values.shape[1]):
-            if np.isfinite(values[i, j]):
-                ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", color="white", fontsize=8)
-    fig.colorbar(im, ax=ax, label="test accuracy (%)")
-    ax.set_title("Test accuracy, mean over seeds")
+    panels = []
+    for domains, group in domain_groups(settings):
+        labels, matrix = [], []
+        for s in group:
+            for row, cell in summary[s.name]["rows"].items():
+                labels.append(row if len(settings) == 1 else f"{row} [{s.name}]")
+                matrix.append([cell["per_domain"][d]["mean"] for d in domains] + [cell["avg"]["mean"]])
+        panels.append((domains + ["Avg"], labels, np.array(matrix) * 100))
+    width = max(len(columns) for columns, _, _ in panels)
+    heights = [len(labels) for _, labels, _ in panels]
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": heights},
+                             figsize=(1.4 * width + 3, 0.45 * sum(heights) + 1.5 * len(panels)))
+    for ax, (columns, labels, values) in zip(axes[:, 0], panels):
+        im = ax.imshow(values, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(columns)), columns)
+        ax.set_yticks(range(len(labels)), labels)
+        for (i, j), value in np.ndenumerate(values):
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="white", fontsize=8)
+        fig.colorbar(im, ax=ax, label="test accuracy (%)")
+    axes[0, 0].set_title("Test accuracy, mean over seeds")
     save_figure(fig, path)
 
 
@@ -73,13 +85,16 @@ def size_latency(settings: list[Setting], summary: dict, path: Path) -> bool:
     plt = _pyplot()
 
     points, seen = [], set()
+    one_task = len(domain_groups(settings)) == 1
     for s in settings:
         for row, c in summary[s.name]["rows"].items():
-            if c["params"] is None or c["latency_ms"] is None or not np.isfinite(c["avg"]["mean"]) or row in seen:
+            if (c["params"] is None or c["latency_ms"] is None or not np.isfinite(c["avg"]["mean"])
+                    or (row, tuple(s.domains)) in seen):
                 continue
-            if row.startswith("teacher ") and c["shared"]:
-                seen.add(row)  # the same teacher in every setting: one point
-            label = row if len(settings) == 1 or row in seen else f"{row} [{s.name}]"
+            shared_teacher = row.startswith("teacher ") and c["shared"]
+            if shared_teacher:
+                seen.add((row, tuple(s.domains)))  # the same teacher in every setting of these domains: one point
+            label = row if len(settings) == 1 or (shared_teacher and one_task) else f"{row} [{s.name}]"
             points.append((label, c["params"], c["latency_ms"], c["avg"]["mean"]))
     if not points:
         return False
@@ -117,20 +132,25 @@ def curves(settings: list[Setting], histories: dict, path: Path) -> bool:
 
     if not histories:
         return False
-    domains = settings[0].domains
-    fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.5), squeeze=False)
-    for j, d in enumerate(domains):
-        ax = axes[0, j]
-        for setting, rows in histories.items():
-            for row, per in rows.items():
-                if per.get(d):
-                    steps, values = zip(*per[d])
-                    ax.plot(steps, np.array(values) * 100, label=row if len(histories) == 1 else f"{row} [{setting}]")
-        ax.set_title(d)
-        ax.set_xlabel("student step")
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("dev accuracy (%)")
-    axes[0, -1].legend(fontsize=7)
+    groups = domain_groups([s for s in settings if s.name in histories])
+    width = max(len(domains) for domains, _ in groups)
+    fig, axes = plt.subplots(len(groups), width, figsize=(4 * width, 3.5 * len(groups)), squeeze=False)
+    for i, (domains, group) in enumerate(groups):
+        for j, ax in enumerate(axes[i]):
+            if j >= len(domains):
+                ax.axis("off")
+                continue
+            for s in group:
+                for row, per in histories[s.name].items():
+                    if per.get(domains[j]):
+                        steps, values = zip(*per[domains[j]])
+                        ax.plot(steps, np.array(values) * 100,
+                                label=row if len(histories) == 1 else f"{row} [{s.name}]")
+            ax.set_title(domains[j])
+            ax.set_xlabel("student step")
+            ax.grid(alpha=0.3)
+        axes[i, 0].set_ylabel("dev accuracy (%)")
+        axes[i, len(domains) - 1].legend(fontsize=7)
     fig.suptitle("Student dev accuracy during training (first seed)")
     save_figure(fig, path)
     return True

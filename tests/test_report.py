@@ -47,6 +47,21 @@ def test_mean_std_and_meta_kd_margins_are_hand_computable():
     assert sizes["meta_kd"]["compression"] == pytest.approx(7.5) and sizes["no_kd"]["speedup"] == pytest.approx(4.5)
 
 
+def test_one_report_holds_settings_over_different_domains(tmp_path):
+    from metakd_ray.report import build_report
+
+    amazon = fake_results("amazon", 0, {"meta_kd": [0.80, 0.90], "no_kd": [0.70, 0.80]})
+    mnli = fake_results("mnli", 0, {"meta_kd": [0.40, 0.50, 0.45], "no_kd": [0.35, 0.40, 0.38]},
+                        domains=("fiction", "government", "slate"))
+    summary = build_report([amazon, mnli], tmp_path / "report", log_to_mlflow=False)
+    assert summary["mnli"]["rows"]["meta_kd"]["avg"]["mean"] == pytest.approx(0.45)
+    assert summary["amazon"]["rows"]["no_kd"]["avg"]["mean"] == pytest.approx(0.75)
+    for name in ("report.md", "heatmap.png", "size_latency.png", "gap.png"):
+        assert (tmp_path / "report" / name).is_file(), name
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Setting `amazon`" in md and "## Setting `mnli`" in md
+
+
 # --------------------------------------------------------------------------- real pipeline runs
 
 
