@@ -95,14 +95,13 @@ def main() -> None:
 
     import ray
 
-    from metakd_ray.cluster import worker_env
     from metakd_ray.config import load_config
     from metakd_ray.io import atomic_write_json, read_json
     from metakd_ray.pipeline import resolve_methods, run_pipeline
     from metakd_ray.report import build_report, load_results
+    from metakd_ray.terminal import quiet_environment
 
-    for key, value in worker_env().items():  # the CLI's quiet terminal (no MLflow download bars) here too
-        os.environ.setdefault(key, value)
+    quiet_environment()  # the CLI's quiet terminal (no MLflow download bars) here too
     work = Path(args.out or REPO / "bench" / "out" / f"fidelity-{args.budget}").resolve()
     store = f"sqlite:///{work / 'mlflow.db'}"
     started = time.time()

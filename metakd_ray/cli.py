@@ -25,6 +25,7 @@ import os
 import sys
 
 from metakd_ray.errors import MetaKDError, did_you_mean
+from metakd_ray.terminal import quiet_environment
 
 
 def _epilog() -> str:
@@ -118,14 +119,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = parse(sys.argv[1:] if argv is None else list(argv))
     if args.verbose:
         os.environ["METAKD_VERBOSE"] = "1"
-    else:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    quiet_environment()
     try:
         return _dispatch(args)
     except MetaKDError as exc:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from metakd_ray import losses
-from metakd_ray.cluster import autocast, init_ray, prepare_device, resolve_precision, start_console, task_device
+from metakd_ray.cluster import autocast, init_ray, prepare_device, resolve_precision, task_device
 from metakd_ray.config import Config, model_path
 from metakd_ray.data.prepare import PreparedData, Split, subsample_fraction
 from metakd_ray.errors import MetaKDError
@@ -41,6 +41,7 @@ from metakd_ray.modeling import MetaKDForSequenceClassification
 from metakd_ray.models import SAVE_FORMAT, build_student, count_parameters, load_model, save_model, write_model_card
 from metakd_ray.outputs import Store, fetch, student_dir, teacher_dir, teacher_outputs_path
 from metakd_ray.scores import expertise_weight
+from metakd_ray.terminal import start_console
 from metakd_ray.tracking import RunRef, flatten, open_run, system_metrics
 from metakd_ray.training import (TrainingStage, accuracy_by_domain, eval_batch_size, forward, measure_latency,
                                  model_device, predict, seed_everything, stage_steps)

@@ -38,13 +38,14 @@ import torch
 from safetensors.torch import save_file
 
 from metakd_ray import losses
-from metakd_ray.cluster import init_ray, prepare_device, relayed_console, say_to, task_device
+from metakd_ray.cluster import init_ray, prepare_device, task_device
 from metakd_ray.config import Config, model_path
 from metakd_ray.data.prepare import PreparedData
 from metakd_ray.errors import MetaKDError
 from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json
 from metakd_ray.models import FIT_FILE, SAVE_FORMAT, count_parameters, load_encoder, quiet_transformers, wrap_encoder
 from metakd_ray.outputs import Store, fetch
+from metakd_ray.terminal import relayed_console, say_to
 from metakd_ray.tracking import RunRef, flatten, open_run, system_metrics
 from metakd_ray.training import TrainingStage, batch_at, eval_batch_size, forward, seed_everything, stage_steps
 

@@ -167,9 +167,23 @@ def predict(model, split: Split, precision: str = "fp32") -> np.ndarray:
 
 def accuracy_by_domain(model, split: Split, domains: list[str], precision: str = "fp32") -> dict[str, float]:
     """{domain: accuracy} over the domains present in ``split``."""
-    correct = predict(model, split, precision) == split.labels
-    return {domains[d]: float(correct[split.domain_ids == d].mean())
-            for d in sorted(set(split.domain_ids.tolist()))}
+    return accuracy_from_counts(correct_counts(model, split, len(domains), precision), domains)
+
+
+def correct_counts(model, split: Split, num_domains: int, precision: str = "fp32") -> torch.Tensor:
+    """``[2, num_domains]`` float64 (CPU): per domain, the correct predictions and the examples in
+    ``split``. Counts of disjoint shards add up, so workers can each score a shard and sum."""
+    correct = torch.from_numpy((predict(model, split, precision) == split.labels).astype(np.float64))
+    domain_ids = torch.from_numpy(split.domain_ids)
+    counts = torch.zeros(2, num_domains, dtype=torch.float64)
+    counts[0].index_add_(0, domain_ids, correct)
+    counts[1].index_add_(0, domain_ids, torch.ones_like(correct))
+    return counts
+
+
+def accuracy_from_counts(counts: torch.Tensor, domains: list[str]) -> dict[str, float]:
+    """{domain: correct / examples} over the domains with examples (``counts`` from ``correct_counts``)."""
+    return {domains[d]: float(counts[0, d] / counts[1, d]) for d in range(len(domains)) if counts[1, d] > 0}
 
 
 def measure_latency(model, split: Split, min_run_time: float = 0.3) -> dict[str, float]:
