@@ -10,8 +10,9 @@ Kinds: ``meta`` (t weights + domain loss), ``mix`` (all domains, plain CE), ``mt
 plain CE, one classifier head per domain: the paper's BERT-mtl), ``single`` (one teacher per domain,
 plain CE). ``train_loop_per_worker`` reads top to bottom; Ray appears only at its edges
 (context, device, checkpoint restore, report). Every ``teacher.eval_every`` steps the workers score
-each domain's dev set (each a shard, counts summed) and rank 0 reports ``val/<domain>/acc`` and their mean ``val/acc`` with a checkpoint
-(model, optimiser, scheduler, step, RNG); the best checkpoint by ``val/acc`` becomes the teacher.
+each domain's dev set (each a shard, counts summed) and rank 0 reports ``val/<domain>/acc`` and
+their mean ``val/acc`` with a checkpoint (model, optimiser, scheduler, step, RNG); the best
+checkpoint by ``val/acc`` becomes the teacher.
 A restarted worker group resumes from the latest checkpoint; re-running the command resumes an
 unfinished run (same Ray run name) and does nothing for a finished one.
 """
