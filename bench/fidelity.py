@@ -127,22 +127,23 @@ def main() -> None:
     try:
         for name in wanted:
             preset, overrides, methods, seeds = SETTINGS[name]
-            settings_run[name] = [preset, overrides, methods]
+            settings_run[name] = list(SETTINGS[name][:3])
             for seed in range(args.seeds or seeds.get(args.budget, 0)):
                 out = work / f"{name}-seed{seed}"
                 cfg = load_config(preset, BUDGETS[args.budget] + overrides + args.set + [
                     f"name={name}", f"output_dir={out}", f"distill.seed={seed}",
                     f"tracking.tracking_uri={store}", "tracking.experiment=fidelity"])
+                rows = resolve_methods(methods, cfg)
                 done = read_json(out / "results.json")
                 if (done and done.get("config_hash") == cfg.hash() and not done.get("failed")
-                        and set(resolve_methods(methods, cfg)) <= set(done["students"])):
+                        and set(rows) <= set(done["students"])):
                     print(f"\n=== {name} seed {seed}: finished by an earlier invocation, same config "
                           f"({out / 'results.json'}; delete it to rerun) ===", flush=True)
                     continue
                 share_teachers(work / f"shared-{preset}-{cfg.data.held_out_domain or 'all'}", out)
                 t0 = time.time()
                 print(f"\n=== {name} seed {seed} ({time.time() - started:.0f}s so far) ===", flush=True)
-                run_pipeline(cfg, resolve_methods(methods, cfg))
+                run_pipeline(cfg, rows)
                 seconds_per_run[f"{name}-seed{seed}"] = round(time.time() - t0, 1)
                 record()
     finally:
