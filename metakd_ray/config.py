@@ -145,6 +145,9 @@ class GeneralConfig:
     states and attention distilled into the student on every domain's training text, labels unused."""
     epochs: float = 3.0
     lr: float = 1e-4  # TinyBERT's; a narrow student with random layers learns faster at 3e-4
+    # More text than the training split: up to this many texts per domain from the rest of its
+    # training partition (what data.max_train_per_domain left out; never dev or test), labels unused.
+    unlabelled_per_domain: int = 0
     batch_size: int = 32
     warmup_fraction: float = 0.1
     weight_decay: float = 0.01
@@ -456,7 +459,7 @@ def validate(cfg: Config) -> None:
             raise MetaKDError(f"config key '{key}': expected an integer >= 1, got {_get(cfg, key)}")
     for key in ("teacher.max_failures", "distill.max_retries", "distill.min_steps", "model.student_hidden",
                 "model.student_heads", "model.student_intermediate", "data.max_train_per_domain",
-                "data.max_dev_per_domain", "data.max_test_per_domain"):
+                "data.max_dev_per_domain", "data.max_test_per_domain", "general.unlabelled_per_domain"):
         if _get(cfg, key) < 0:
             raise MetaKDError(f"config key '{key}': expected an integer >= 0, got {_get(cfg, key)}")
     if cfg.distill.seed < -1:

@@ -5,7 +5,9 @@
 With ``model.student_init: general`` the students do not start as a cut of the pretrained teacher
 but from a student of any shape (``model.student_layers`` x ``student_hidden``, ``student_heads``,
 ``student_intermediate``) that learnt to imitate the *pretrained* teacher backbone (not the
-fine-tuned meta-teacher; no labels) on the text of every domain's training split:
+fine-tuned meta-teacher; no labels) on the text of every domain's training split, plus
+``general.unlabelled_per_domain`` more texts per domain from the rest of its training partition
+(the reviews that ``data.max_train_per_domain`` left out; never dev or test):
 
     L_gen = mean_i [ Σ_{j=0..N_S} hid_ij + Σ_{j=1..N_S} att_ij ]
 
@@ -40,7 +42,7 @@ from safetensors.torch import save_file
 from metakd_ray import losses
 from metakd_ray.cluster import init_ray, prepare_device, task_device
 from metakd_ray.config import Config, model_path
-from metakd_ray.data.prepare import PreparedData
+from metakd_ray.data.prepare import PreparedData, Split, general_corpus
 from metakd_ray.errors import MetaKDError
 from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json
 from metakd_ray.models import FIT_FILE, SAVE_FORMAT, count_parameters, load_encoder, quiet_transformers, wrap_encoder
@@ -111,8 +113,9 @@ def start_from_teacher_embeddings(student, teacher) -> None:
 
 
 def general_distill(cfg: Config, data: PreparedData, device: torch.device | None = None, run: RunRef | None = None,
-                    say=print) -> dict:
-    """Train the general student on ``device``; returns {"model", "result"} (plain PyTorch: no Ray)."""
+                    say=print, texts: Split | None = None) -> dict:
+    """Train the general student on ``device`` over ``texts`` (default: ``general_corpus``); returns
+    {"model", "result"} (plain PyTorch: no Ray)."""
     gcfg = cfg.general
     device = device or torch.device("cpu")
     seed_everything(gcfg.seed)
@@ -122,7 +125,7 @@ def general_distill(cfg: Config, data: PreparedData, device: torch.device | None
     if student.encoder.config.hidden_size != teacher.encoder.config.hidden_size:
         start_from_teacher_embeddings(student, teacher)
     student.to(device)
-    texts = data.splits["train"]  # every domain's training text; the labels are never read
+    texts = general_corpus(cfg, data) if texts is None else texts  # the labels are never read
     layers = [0] + cfg.layer_map
     scale = cfg.distill.term_scale == "target"
 
@@ -183,14 +186,14 @@ def save_general(model, directory: Path) -> None:
 # --------------------------------------------------------------------------- Ray and MLflow edges
 
 
-def _general_task(cfg: Config, data: PreparedData, run: RunRef, console) -> dict:
+def _general_task(cfg: Config, data: PreparedData, texts: Split, run: RunRef, console) -> dict:
     """Ray task body: train the general student on the GPU Ray gave the task (else the CPU);
     return its files for the driver to write."""
     torch.set_num_threads(cfg.general.num_cpus)
     device = task_device()
     prepare_device(device)
     with system_metrics(run):
-        out = general_distill(cfg, data, device, run, say_to(console))
+        out = general_distill(cfg, data, device, run, say_to(console), texts)
     with tempfile.TemporaryDirectory() as tmp:
         save_general(out["model"], Path(tmp))
         files = {p.relative_to(tmp).as_posix(): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
@@ -215,14 +218,17 @@ def ensure_general(cfg: Config, data: PreparedData, parent: RunRef | None) -> di
     settings = cfg.to_dict()
     run.log_params(flatten({"general": settings["general"], "model": {k: settings["model"][k] for k in SHAPE_KEYS},
                             "term_scale": cfg.distill.term_scale}))
+    texts = general_corpus(cfg, data)
+    extra = len(texts) - len(data.splits["train"])
     print(f"[general] distilling the pretrained {cfg.model.teacher} into a {cfg.model.student_layers}-layer, "
-          f"{cfg.student_width}-wide student on {len(data.splits['train'])} training texts (labels unused), "
+          f"{cfg.student_width}-wide student on {len(data.splits['train'])} training texts"
+          f"{f' and {extra} more from the training partitions' if extra else ''} (labels unused), "
           f"{gcfg.epochs:g} epoch(s)", flush=True)
     task = ray.remote(_general_task).options(num_cpus=gcfg.num_cpus, num_gpus=gcfg.num_gpus,
                                              max_retries=cfg.distill.max_retries, retry_exceptions=True)
     try:
         with relayed_console() as console:
-            out = ray.get(task.remote(cfg, data, run, console))
+            out = ray.get(task.remote(cfg, data, texts, run, console))
     except Exception:
         run.finish("FAILED")
         raise

@@ -72,6 +72,42 @@ def test_prepare_mnli_groups_by_premise(tmp_path, capsys, monkeypatch):
     assert counts["fiction"]["train"]["total"] > 3000
 
 
+def test_general_corpus_adds_unlabelled_training_text_only(tmp_path, monkeypatch):
+    """general.unlabelled_per_domain adds texts from the training partition that
+    max_train_per_domain left out: never a dev or test text, labels dropped, the labelled splits
+    unchanged."""
+    import numpy as np
+
+    from metakd_ray.data.prepare import general_corpus, load_rows, prepare, split_rows
+
+    monkeypatch.setenv("METAKD_DATA_ROOT", str(AMAZON.parent))
+    overrides = [f"output_dir={tmp_path}", "data.domains=[books,kitchen]", "data.max_train_per_domain=20",
+                 "data.max_dev_per_domain=30", "data.max_length=32"]
+    cfg = load_config("amazon", overrides)
+    data = prepare(cfg, quiet=True)
+    assert general_corpus(cfg, data) is data.splits["train"]  # 0: the training split only
+
+    cfg = load_config("amazon", overrides + ["general.unlabelled_per_domain=50"])
+    rows, _ = load_rows(cfg)
+    with_extra, without = split_rows(rows, cfg, 50), split_rows(rows, cfg)
+    assert {k: v for k, v in with_extra.items() if k != "unlabelled"} == without
+    again = prepare(cfg, quiet=True)
+    assert again.key == data.key  # so the teachers trained on the labelled splits are reused
+    corpus = general_corpus(cfg, again)
+    train = data.splits["train"]
+    assert len(corpus) == len(train) + 2 * 50
+    assert list(corpus.uids[:len(train)]) == list(train.uids)
+    extra = corpus.take(np.arange(len(train), len(corpus)))
+    assert (extra.labels == -1).all() and np.bincount(extra.domain_ids).tolist() == [50, 50]
+    assert len(set(extra.uids)) == 100
+    assert not set(extra.uids) & set(np.concatenate([s.uids for s in data.splits.values()]))
+    assert corpus.input_ids.shape[1] <= 32 and (corpus.attention_mask.sum(1) > 2).all()
+    # the first rows' tokens are the training split's, padded on the right
+    width = train.input_ids.shape[1]
+    assert (corpus.input_ids[:len(train), :width] == train.input_ids).all()
+    assert not corpus.input_ids[:len(train), width:].any()
+
+
 def test_generic_csv_loader(tmp_path, capsys):
     rows = ["review,stars,shop"] + [f"text number {i},{'good' if i % 2 else 'bad'},{'a' if i < 30 else 'b'}"
                                     for i in range(60)]

@@ -87,11 +87,16 @@ def load_rows(cfg: Config) -> tuple[list[dict], list[Path]]:
 # --------------------------------------------------------------------------- splitting
 
 
-def split_rows(rows: list[dict], cfg: Config) -> dict[str, list[dict]]:
-    """Dedupe within each domain, then split each domain and subsample."""
+def split_rows(rows: list[dict], cfg: Config, unlabelled_per_domain: int = 0) -> dict[str, list[dict]]:
+    """Dedupe within each domain, then split each domain and subsample. With
+    ``unlabelled_per_domain`` > 0 also an ``unlabelled`` list: up to that many rows per domain from
+    the training partition that ``data.max_train_per_domain`` left out (never dev or test), with
+    their labels dropped (-1); the other splits are the same as without it."""
     data_cfg = cfg.data
     grouped = FORMATS[data_cfg.format].group_by_text
     out = {s: [] for s in SPLITS}
+    if unlabelled_per_domain:
+        out["unlabelled"] = []
     limits = {"train": data_cfg.max_train_per_domain, "dev": data_cfg.max_dev_per_domain,
               "test": data_cfg.max_test_per_domain}
     for domain in data_cfg.domains:
@@ -113,13 +118,18 @@ def split_rows(rows: list[dict], cfg: Config) -> dict[str, list[dict]]:
         else:
             test, rest = _stratified_split(labels, np.arange(len(unique)), data_cfg.test_fraction, rng)
             dev, train = _stratified_split(labels, rest, data_cfg.dev_fraction, rng)
+        taken = {}
         for name, index in (("train", train), ("dev", dev), ("test", test)):
             if limits[name] and len(index) > limits[name]:
                 index = stratified_take(labels, index, limits[name], rng)
             if len(index) == 0:
                 raise MetaKDError(f"data: domain {domain!r} has an empty {name} split; "
                                   "use more data or larger fractions")
+            taken[name] = index
             out[name] += [unique[i] for i in sorted(index)]
+        if unlabelled_per_domain:  # drawn last, so the rng gives the labelled splits what it gives without it
+            rest = rng.permutation(np.setdiff1d(train, taken["train"]))[:unlabelled_per_domain]
+            out["unlabelled"] += [dict(unique[i], label=-1) for i in sorted(rest)]
     return out
 
 
@@ -176,7 +186,7 @@ def prepare(cfg: Config, quiet: bool = False) -> PreparedData:
         tokenizer = load_tokenizer(tokenizer_path)
         with atomic_dir(directory) as tmp:
             for name in SPLITS:
-                _write_split(tmp / f"{name}.parquet", split[name], tokenizer, cfg)
+                pq.write_table(_encode(split[name], tokenizer, cfg), tmp / f"{name}.parquet")
             atomic_write_text(tmp / "meta.json", json.dumps({"key": key, "domains": cfg.data.domains,
                                                             "labels": cfg.label_names}))
         data = load_prepared(directory)
@@ -198,25 +208,56 @@ def load_prepared(directory: Path) -> PreparedData | None:
     if not meta or any(t is None for t in tables.values()):
         return None
     domains, labels = meta["domains"], meta["labels"]
-    splits = {}
-    for name, table in tables.items():
-        ids = table.column("input_ids").to_pylist()
-        types_ = table.column("token_type_ids").to_pylist()
-        width = max(len(x) for x in ids)
-        input_ids = np.zeros((len(ids), width), dtype=np.int64)
-        token_type_ids = np.zeros_like(input_ids)
-        attention_mask = np.zeros_like(input_ids)
-        for i, (seq, tt) in enumerate(zip(ids, types_)):
-            input_ids[i, : len(seq)] = seq
-            token_type_ids[i, : len(seq)] = tt
-            attention_mask[i, : len(seq)] = 1
-        splits[name] = Split(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-            labels=np.array(table.column("label").to_pylist(), dtype=np.int64),
-            domain_ids=np.array([domains.index(d) for d in table.column("domain").to_pylist()], dtype=np.int64),
-            uids=np.array(table.column("uid").to_pylist()),
-        )
+    splits = {name: _split_of(table, domains) for name, table in tables.items()}
     return PreparedData(splits=splits, domains=domains, labels=labels, key=meta["key"], directory=directory)
+
+
+def _split_of(table: pa.Table, domains: list[str]) -> Split:
+    """A tokenized table as arrays padded to its longest row."""
+    ids = table.column("input_ids").to_pylist()
+    types_ = table.column("token_type_ids").to_pylist()
+    width = max(len(x) for x in ids)
+    input_ids = np.zeros((len(ids), width), dtype=np.int64)
+    token_type_ids = np.zeros_like(input_ids)
+    attention_mask = np.zeros_like(input_ids)
+    for i, (seq, tt) in enumerate(zip(ids, types_)):
+        input_ids[i, : len(seq)] = seq
+        token_type_ids[i, : len(seq)] = tt
+        attention_mask[i, : len(seq)] = 1
+    return Split(
+        input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+        labels=np.array(table.column("label").to_pylist(), dtype=np.int64),
+        domain_ids=np.array([domains.index(d) for d in table.column("domain").to_pylist()], dtype=np.int64),
+        uids=np.array(table.column("uid").to_pylist()),
+    )
+
+
+def general_corpus(cfg: Config, data: PreparedData) -> Split:
+    """The text that general distillation reads: every domain's training split plus, with
+    ``general.unlabelled_per_domain`` > 0, that many more texts per domain from the rest of its
+    training partition (``split_rows``), tokenized like the splits and padded to their width.
+    Labels are never read (the extra rows have none)."""
+    train = data.splits["train"]
+    per_domain = cfg.general.unlabelled_per_domain
+    if not per_domain:
+        return train
+    rows, _ = load_rows(cfg)
+    extra = split_rows(rows, cfg, per_domain)["unlabelled"]
+    if not extra:
+        return train
+    more = _split_of(_encode(extra, load_tokenizer(model_path(cfg.model.teacher)), cfg), data.domains)
+    width = max(train.input_ids.shape[1], more.input_ids.shape[1])
+    train, more = _padded(train, width), _padded(more, width)
+    return Split(*(np.concatenate([getattr(train, f), getattr(more, f)]) for f in Split.__dataclass_fields__))
+
+
+def _padded(split: Split, width: int) -> Split:
+    """``split`` with its token arrays zero-padded on the right to ``width`` columns."""
+    pad = width - split.input_ids.shape[1]
+    if pad == 0:
+        return split
+    wide = {f: np.pad(getattr(split, f), ((0, 0), (0, pad))) for f in ("input_ids", "attention_mask", "token_type_ids")}
+    return Split(**wide, labels=split.labels, domain_ids=split.domain_ids, uids=split.uids)
 
 
 def load_tokenizer(path: str):
@@ -243,7 +284,8 @@ def head_tail(ids: list[int], max_length: int) -> list[int]:
     return list(ids[:1 + head]) + list(ids[len(ids) - 1 - tail:])
 
 
-def _write_split(path: Path, rows: list[dict], tokenizer, cfg: Config) -> None:
+def _encode(rows: list[dict], tokenizer, cfg: Config) -> pa.Table:
+    """Rows tokenized as one parquet-ready table (uid, domain, label, text, text_pair, token ids)."""
     texts = [r["text"] for r in rows]
     pairs = [r["text_pair"] for r in rows]
     has_pairs = any(pairs)
@@ -256,7 +298,7 @@ def _write_split(path: Path, rows: list[dict], tokenizer, cfg: Config) -> None:
     # A row's id survives re-splitting and re-tokenizing: its domain and a hash of its text.
     uids = [f"{r['domain']}/{hashlib.sha1((r['text'] + chr(9) + r['text_pair']).encode()).hexdigest()[:16]}"
             for r in rows]
-    table = pa.table({
+    return pa.table({
         "uid": uids,
         "domain": [r["domain"] for r in rows],
         "label": pa.array([r["label"] for r in rows], pa.int64()),
@@ -265,7 +307,6 @@ def _write_split(path: Path, rows: list[dict], tokenizer, cfg: Config) -> None:
         "input_ids": pa.array(enc["input_ids"], pa.list_(pa.int32())),
         "token_type_ids": pa.array(token_types, pa.list_(pa.int8())),
     })
-    pq.write_table(table, path)
 
 
 def _cache_key(cfg: Config, files: list[Path], tokenizer_path: str) -> str:
