@@ -33,6 +33,9 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, logging_level=level, log_to_driver=verbose())
         return
     env = dict(worker_env(), HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "0"))
+    if not verbose():  # Ray's note that it kept its default (token auth on) repeats at every local start
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            lambda record: not record.getMessage().startswith("Token authentication is enabled"))
     # The dashboard hosts the state API that Ray Train's cleanup polls; keep it on loopback.
     ray.init(runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", logging_level=level, log_to_driver=verbose())

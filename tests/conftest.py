@@ -144,7 +144,7 @@ def kill_session(pid: int) -> None:
 # bookkeeping, Python warnings and tracebacks.
 NOISE = re.compile(r"it/s\]|\d+%\||TrainingReport|Checkpoint successfully|core_worker|PreemptionWatcher|"
                    r"\((TrainController|RayTrainWorker|raylet|_student_task|PlacementGroupCleaner)|INFO mlflow|"
-                   r"Warning:|Traceback|Loading weights|Writing model shards")
+                   r"Warning:| WARNING |Traceback|Loading weights|Writing model shards")
 
 
 def noise_lines(output: str) -> list[str]:
