@@ -19,6 +19,12 @@ from metakd_ray.io import read_json, safetensors_whole
 from metakd_ray.terminal import verbose, worker_env
 
 
+def _token_auth_kept(record) -> bool:
+    """Logging filter: drop Ray's note that it kept its default (token auth on), which it repeats at
+    every local start; one function, so a second ``init_ray`` in a process adds no second filter."""
+    return not record.getMessage().startswith("Token authentication is enabled")
+
+
 def init_ray(cfg: Config) -> None:
     """Connect to ``ray.address`` / ``$RAY_ADDRESS``, or start a local Ray on 127.0.0.1."""
     import logging
@@ -33,9 +39,8 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, logging_level=level, log_to_driver=verbose())
         return
     env = dict(worker_env(), HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "0"))
-    if not verbose():  # Ray's note that it kept its default (token auth on) repeats at every local start
-        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-            lambda record: not record.getMessage().startswith("Token authentication is enabled"))
+    if not verbose():
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_token_auth_kept)
     # The dashboard hosts the state API that Ray Train's cleanup polls; keep it on loopback.
     ray.init(runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", logging_level=level, log_to_driver=verbose())
