@@ -183,6 +183,10 @@ class DistillConfig:
     # of a domain otherwise stops after a handful of steps, still at chance.
     min_steps: int = 0
     hard_label_weight: float = 0.0
+    # A transfer set: the distilling students also train on up to this many texts of their domain
+    # from the training partition that data.max_train_per_domain left out, with the teacher's soft
+    # labels (TinyBERT distilled on extra task text too). no_kd, which needs gold labels, ignores it.
+    unlabelled_per_domain: int = 0
     max_grad_norm: float = 1.0
     attention_target: str = "scores"  # pre-softmax Q·Kᵀ/√d as in TinyBERT; or "probs"
     lambda_in_stage2: bool = False
@@ -459,7 +463,8 @@ def validate(cfg: Config) -> None:
             raise MetaKDError(f"config key '{key}': expected an integer >= 1, got {_get(cfg, key)}")
     for key in ("teacher.max_failures", "distill.max_retries", "distill.min_steps", "model.student_hidden",
                 "model.student_heads", "model.student_intermediate", "data.max_train_per_domain",
-                "data.max_dev_per_domain", "data.max_test_per_domain", "general.unlabelled_per_domain"):
+                "data.max_dev_per_domain", "data.max_test_per_domain", "general.unlabelled_per_domain",
+                "distill.unlabelled_per_domain"):
         if _get(cfg, key) < 0:
             raise MetaKDError(f"config key '{key}': expected an integer >= 0, got {_get(cfg, key)}")
     if cfg.distill.seed < -1:

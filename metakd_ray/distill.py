@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from metakd_ray import losses
 from metakd_ray.cluster import autocast, init_ray, prepare_device, resolve_precision, task_device
 from metakd_ray.config import Config, model_path
-from metakd_ray.data.prepare import PreparedData, Split, subsample_fraction
+from metakd_ray.data.prepare import PreparedData, Split, concatenated, subsample_fraction
 from metakd_ray.errors import MetaKDError
 from metakd_ray.general import general_path
 from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json, safetensors_whole
@@ -66,10 +66,15 @@ class StudentJob:
         return teacher_name(self.spec.teacher_kind, self.domain) if self.spec.distils else ""
 
 
-def student_train_split(cfg: Config, data: PreparedData, domain: str) -> Split:
-    """The target domain's training data, subsampled by ``data.target_fraction`` (data scarcity)."""
-    split = data.splits["train"].for_domains([data.domain_id(domain)])
-    return subsample_fraction(split, cfg.data.target_fraction, cfg.data.split_seed)
+def student_train_split(cfg: Config, data: PreparedData, domain: str, distils: bool = True) -> Split:
+    """The target domain's training data, subsampled by ``data.target_fraction`` (data scarcity);
+    for a distilling student followed by the domain's unlabelled rows (``distill.unlabelled_per_domain``)."""
+    domain_ids = [data.domain_id(domain)]
+    split = subsample_fraction(data.splits["train"].for_domains(domain_ids), cfg.data.target_fraction,
+                               cfg.data.split_seed)
+    if distils and "unlabelled" in data.splits:
+        split = concatenated(split, data.splits["unlabelled"].for_domains(domain_ids))
+    return split
 
 
 # --------------------------------------------------------------------------- teacher outputs
@@ -105,9 +110,15 @@ def compute_teacher_outputs(cfg: Config, data: PreparedData, teacher: MetaKDForS
             for j in attention:
                 attention[j].append(o.attention_scores[j - 1].half().cpu())
     result = {k: torch.cat(v).contiguous() for k, v in out.items()}
-    t = torch.tensor([scores[u] for u in split.uids], dtype=torch.float32)
+    # An unlabelled row has no gold label and no prototype score: the teacher's own prediction and
+    # the mean score of the domain's labelled rows stand in for them.
+    labels = torch.from_numpy(split.labels)
+    labelled = labels >= 0
+    t = torch.tensor([scores[u] if y >= 0 else 0.0 for u, y in zip(split.uids, split.labels)], dtype=torch.float32)
+    t[~labelled] = t[labelled].mean()
+    labels = torch.where(labelled, labels, result["logits"].argmax(-1))
     result["t"] = t
-    result["lambda"] = expertise_weight(result["logits"], torch.from_numpy(split.labels), t)
+    result["lambda"] = expertise_weight(result["logits"], labels, t)
     if with_internals:
         result.update({f"hidden.{j}": torch.cat(v).contiguous() for j, v in hidden.items()})
         result.update({f"attention.{j}": torch.cat(v).contiguous() for j, v in attention.items()})
@@ -144,7 +155,7 @@ def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_pa
     device = device or torch.device("cpu")
     seed_everything(cfg.student_seed)
     domain_id = data.domain_id(job.domain)
-    train = student_train_split(cfg, data, job.domain)
+    train = student_train_split(cfg, data, job.domain, spec.distils)
     dev = data.splits["dev"].for_domains([domain_id])
     test = data.splits["test"].for_domains([domain_id])
     layer_map = cfg.layer_map
@@ -208,8 +219,9 @@ def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_pa
             if dcfg.lambda_in_stage2 and spec.use_lambda:
                 soft = soft * lam[idx].to(device)
             loss = soft.mean()
-            if dcfg.hard_label_weight:
-                loss = loss + dcfg.hard_label_weight * F.cross_entropy(out.logits.float(), b["labels"])
+            if dcfg.hard_label_weight:  # over the labelled rows of the batch (unlabelled ones are -1)
+                hard = F.cross_entropy(out.logits.float(), b["labels"], ignore_index=-1, reduction="sum")
+                loss = loss + dcfg.hard_label_weight * hard / (b["labels"] >= 0).sum().clamp(min=1)
             return loss
 
         if dcfg.schedule == "two_stage":
@@ -233,7 +245,8 @@ def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_pa
         "dev_acc": best["acc"], "test_acc": test_acc, "best_step": best["step"], "steps": step,
         # per test example (in split order), for the report's paired bootstrap intervals
         "test_correct": "".join("1" if c else "0" for c in test_correct),
-        "train_examples": len(train), "params": count_parameters(student),
+        "train_examples": len(train), "unlabelled_examples": int((train.labels < 0).sum()),
+        "params": count_parameters(student),
         **measure_latency(student, test), "train_seconds": round(train_seconds, 2),
         "started_at": start, "finished_at": time.time(),
         "device": device.type, "precision": resolve_precision(cfg.precision, device), "history": history,
@@ -273,6 +286,8 @@ def student_key(cfg: Config, data: PreparedData, job: StudentJob, teacher_key: s
     training = cfg.to_dict()["distill"]  # the settings that change what a student learns
     for k in ("methods", "cpus_per_task", "gpus_per_task", "max_retries", "cache_teacher_targets"):
         training.pop(k)
+    if not (training["unlabelled_per_domain"] and job.spec.distils):  # no_kd ignores it; older students keep their keys
+        training.pop("unlabelled_per_domain")
     return content_key(data.key, teacher_key, general_key, training, cfg.to_dict()["model"], cfg.seed, cfg.precision,
                        cfg.data.target_fraction, job.method, job.domain, SAVE_FORMAT)[:12]
 

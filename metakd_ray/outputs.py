@@ -67,7 +67,9 @@ def teacher_outputs_path(cfg: Config, teacher_key: str, teacher_name: str, domai
     """The cached teacher pass over one domain's student data (see ``distill.compute_teacher_outputs``);
     ``internals`` (default ``distill.cache_teacher_targets``): with hidden/attention targets."""
     internals = cfg.distill.cache_teacher_targets if internals is None else internals
-    key = content_key(teacher_key, domain, cfg.data.target_fraction, cfg.layer_map, internals)
+    unlabelled = cfg.distill.unlabelled_per_domain
+    key = content_key(teacher_key, domain, cfg.data.target_fraction, cfg.layer_map, internals,
+                      *([unlabelled] if unlabelled else []))  # unchanged keys for passes made without it
     return cfg.out / "teacher_outputs" / teacher_name / f"{domain}-{key}.safetensors"
 
 

@@ -135,6 +135,38 @@ def test_distill_student_without_ray(prepared, tmp_path, method):
     assert r["history"] and all(h["stage"] in ("stage2", "no_kd") for h in r["history"])
 
 
+def test_unlabelled_rows_join_the_distilling_students_only(tiny_config, tmp_path):
+    """distill.unlabelled_per_domain: a distilling student also learns the teacher's soft labels on
+    its domain's unlabelled training texts (λ from the teacher's own prediction and the domain's
+    mean t); no_kd keeps the labelled rows; the teachers' data (its cache key) is unchanged."""
+    from metakd_ray.scores import expertise_weight
+
+    plain = prepare(load_config(str(tiny_config())), quiet=True)
+    cfg = load_config(str(tiny_config(distill={"unlabelled_per_domain": 8, "hard_label_weight": 1.0})))
+    data = prepare(cfg, quiet=True)
+    assert data.key == plain.key and set(data.splits) == {"train", "dev", "test", "unlabelled"}
+    extra = data.splits["unlabelled"]
+    assert (extra.labels == -1).all() and np.bincount(extra.domain_ids).tolist() == [8, 8]
+    assert not set(extra.uids) & set(np.concatenate([plain.splits[s].uids for s in ("train", "dev", "test")]))
+
+    scores = compute_prototype_scores(cfg, data, quiet=True)
+    teacher = build_teacher(cfg.model.teacher, data.labels, data.domains)
+    save_model(teacher, tmp_path / "teacher", {"kind": "meta"})
+    outputs = load_file(compute_teacher_outputs(cfg, data, teacher, "kitchen", scores, True,
+                                                tmp_path / "t.safetensors"))
+    assert outputs["logits"].shape[0] == outputs["hidden.0"].shape[0] == 48 + 8
+    t, lam, logits = outputs["t"], outputs["lambda"], outputs["logits"]
+    assert torch.allclose(t[48:], t[:48].mean().expand(8))
+    assert torch.allclose(lam[48:], expertise_weight(logits[48:], logits[48:].argmax(-1), t[48:]))
+
+    kd = distill_student(cfg, data, StudentJob("meta_kd", "kitchen"), tmp_path / "teacher", outputs)
+    r = kd["result"]
+    assert (r["train_examples"], r["unlabelled_examples"], r["steps"]) == (56, 8, 14)  # 56 // 8 per stage
+    assert all(torch.isfinite(p).all() for p in kd["model"].parameters())  # hard-label CE skips the -1 rows
+    r = distill_student(cfg, data, StudentJob("no_kd", "kitchen"), None, None)["result"]
+    assert (r["train_examples"], r["unlabelled_examples"], r["steps"]) == (48, 0, 6)
+
+
 def test_uncached_path_gives_the_same_stage1_objective(prepared, tmp_path):
     """Training without the fp16 cache (teacher in the loop) optimises the same loss."""
     cfg, data, scores, teacher = prepared

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 from metakd_ray.config import DATA_ROOT_ENV, Config, model_path
 from metakd_ray.data import FORMATS
 from metakd_ray.errors import MetaKDError
-from metakd_ray.io import (atomic_dir, atomic_write_text, content_key, file_sha256, read_json, read_parquet,
-                           text_table)
+from metakd_ray.io import (atomic_dir, atomic_file, atomic_write_text, content_key, file_sha256, read_json,
+                           read_parquet, text_table)
 
 SPLITS = ("train", "dev", "test")
 
@@ -175,7 +175,8 @@ def stratified_take(labels: np.ndarray, index: np.ndarray, k: int, rng) -> np.nd
 
 
 def prepare(cfg: Config, quiet: bool = False) -> PreparedData:
-    """Load, split and tokenize (or reuse the cache); write ``splits.json`` to the output dir."""
+    """Load, split and tokenize (or reuse the cache); write ``splits.json`` to the output dir. With
+    ``distill.unlabelled_per_domain`` > 0 the data also holds an ``unlabelled`` split."""
     rows, files = load_rows(cfg)
     tokenizer_path = model_path(cfg.model.teacher)
     key = _cache_key(cfg, files, tokenizer_path)
@@ -194,6 +195,9 @@ def prepare(cfg: Config, quiet: bool = False) -> PreparedData:
             print(f"[prepare] tokenized {sum(len(v) for v in split.values())} examples -> {directory}")
     elif not quiet:
         print(f"[prepare] reusing tokenized splits from {directory}")
+    transfer = unlabelled_split(cfg, data, cfg.distill.unlabelled_per_domain)
+    if transfer is not None:  # the distilling students' extra, teacher-labelled text
+        data.splits["unlabelled"] = transfer
     counts = split_counts(data)
     atomic_write_text(cfg.out / "splits.json", json.dumps(counts, indent=2))
     if not quiet:
@@ -235,20 +239,36 @@ def _split_of(table: pa.Table, domains: list[str]) -> Split:
 def general_corpus(cfg: Config, data: PreparedData) -> Split:
     """The text that general distillation reads: every domain's training split plus, with
     ``general.unlabelled_per_domain`` > 0, that many more texts per domain from the rest of its
-    training partition (``split_rows``), tokenized like the splits and padded to their width.
-    Labels are never read (the extra rows have none)."""
+    training partition (``unlabelled_split``). Labels are never read (the extra rows have none)."""
     train = data.splits["train"]
-    per_domain = cfg.general.unlabelled_per_domain
+    more = unlabelled_split(cfg, data, cfg.general.unlabelled_per_domain)
+    return concatenated(train, more) if more is not None else train
+
+
+def unlabelled_split(cfg: Config, data: PreparedData, per_domain: int) -> Split | None:
+    """Up to ``per_domain`` texts per domain from the training partition that
+    ``data.max_train_per_domain`` left out (``split_rows``; never dev or test), labels -1, tokenized
+    like the splits and cached beside them; None when there are none."""
     if not per_domain:
-        return train
-    rows, _ = load_rows(cfg)
-    extra = split_rows(rows, cfg, per_domain)["unlabelled"]
-    if not extra:
-        return train
-    more = _split_of(_encode(extra, load_tokenizer(model_path(cfg.model.teacher)), cfg), data.domains)
-    width = max(train.input_ids.shape[1], more.input_ids.shape[1])
-    train, more = _padded(train, width), _padded(more, width)
-    return Split(*(np.concatenate([getattr(train, f), getattr(more, f)]) for f in Split.__dataclass_fields__))
+        return None
+    path = data.directory / f"unlabelled-{per_domain}.parquet"
+    table = read_parquet(path)
+    if table is None:
+        rows, _ = load_rows(cfg)
+        extra = split_rows(rows, cfg, per_domain)["unlabelled"]
+        if not extra:
+            return None
+        table = _encode(extra, load_tokenizer(model_path(cfg.model.teacher)), cfg)
+        with atomic_file(path) as tmp:
+            pq.write_table(table, tmp)
+    return _split_of(table, data.domains)
+
+
+def concatenated(first: Split, second: Split) -> Split:
+    """The rows of ``first`` then those of ``second``, padded to a common width."""
+    width = max(first.input_ids.shape[1], second.input_ids.shape[1])
+    first, second = _padded(first, width), _padded(second, width)
+    return Split(*(np.concatenate([getattr(first, f), getattr(second, f)]) for f in Split.__dataclass_fields__))
 
 
 def _padded(split: Split, width: int) -> Split:
@@ -344,7 +364,7 @@ def split_counts(data: PreparedData) -> dict:
             per["total"] = int(len(labels))
             counts[domain][name] = per
     uid_sets = [set(s.uids) for s in data.splits.values()]
-    overlap = len(uid_sets[0] & uid_sets[1]) + len(uid_sets[0] & uid_sets[2]) + len(uid_sets[1] & uid_sets[2])
+    overlap = sum(len(a & b) for i, a in enumerate(uid_sets) for b in uid_sets[i + 1:])
     return {"domains": data.domains, "labels": data.labels, "cache_key": data.key,
             "counts": counts, "texts_in_two_splits": overlap}
 
@@ -354,5 +374,5 @@ def format_counts(summary: dict) -> str:
     rows = [[domain, name, per["total"]] + [per[lab] for lab in labels]
             for domain, per_split in summary["counts"].items() for name, per in per_split.items()]
     table = text_table(["domain", "split", "total"] + [lab[:12] for lab in labels], rows,
-                       [14, 7, 7] + [14] * len(labels), left=2)
+                       [14, 11, 7] + [14] * len(labels), left=2)
     return f"{table}\ntexts in two splits: {summary['texts_in_two_splits']}"
