@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from metakd_ray.errors import MetaKDError
-from metakd_ray.io import atomic_write_json, text_table
+from metakd_ray.io import atomic_file, atomic_write_json, text_table
 from metakd_ray.models import load_model
 from metakd_ray.training import time_ms
 
@@ -146,15 +146,12 @@ ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 def export_onnx(classifier: Classifier, path: Path) -> Path:
     """fp32 ONNX graph of ``classifier``'s logits, dynamic in batch and sequence length."""
     sample = classifier.encode(["a short example", "and a second, slightly longer example to pad"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), atomic_file(path) as tmp:
         warnings.simplefilter("ignore")  # the tracer's notes on Python control flow in the encoder
         torch.onnx.export(_LogitsOnly(classifier.model.cpu().eval()), tuple(sample[k] for k in ONNX_INPUTS), str(tmp),
                           input_names=list(ONNX_INPUTS), output_names=["logits"], opset_version=17, dynamo=False,
                           dynamic_axes={**{k: {0: "batch", 1: "sequence"} for k in ONNX_INPUTS},
                                         "logits": {0: "batch"}})
-    tmp.replace(path)
     return path
 
 
@@ -165,9 +162,8 @@ def quantize_int8(fp32: Path, path: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.getLogger("root").setLevel(logging.ERROR)  # onnxruntime warns about pre-processing on every call
-    tmp = path.with_name(f".{path.name}.tmp")
-    quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8)
     return path
 
 

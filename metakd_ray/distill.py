@@ -35,7 +35,7 @@ from metakd_ray.config import Config, model_path
 from metakd_ray.data.prepare import PreparedData, Split, concatenated, subsample_fraction
 from metakd_ray.errors import MetaKDError
 from metakd_ray.general import general_path
-from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json, safetensors_whole
+from metakd_ray.io import atomic_dir, atomic_file, atomic_write_json, content_key, read_json, safetensors_whole
 from metakd_ray.methods import Method, method, teacher_name
 from metakd_ray.modeling import MetaKDForSequenceClassification
 from metakd_ray.models import SAVE_FORMAT, build_student, count_parameters, load_model, save_model, write_model_card
@@ -122,10 +122,8 @@ def compute_teacher_outputs(cfg: Config, data: PreparedData, teacher: MetaKDForS
     if with_internals:
         result.update({f"hidden.{j}": torch.cat(v).contiguous() for j, v in hidden.items()})
         result.update({f"attention.{j}": torch.cat(v).contiguous() for j, v in attention.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(result, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        save_file(result, tmp)
     return path
 
 

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 from metakd_ray.config import Config
-from metakd_ray.io import atomic_dir, content_key, read_json
+from metakd_ray.io import atomic_dir, atomic_file, content_key, read_json
 
 COMPLETE = "_COMPLETE.json"
 
@@ -133,10 +133,8 @@ class Store:
         info = self.fs.get_file_info(source)
         if info.type == pafs.FileType.File:
             data = self._read(source)
-            local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(local)
+            with atomic_file(local) as tmp:
+                tmp.write_bytes(data)
             return True
         if info.type != pafs.FileType.Directory:
             return False
