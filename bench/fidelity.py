@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/fidelity.py --budget small     # 2 cores: 1 seed of every row and setting
     .venv/bin/python bench/fidelity.py                    # --budget full (2 cores): 3 seeds, ~90 min
+    .venv/bin/python bench/fidelity.py --budget full-transfer   # amazon-3seeds with a transfer set, ~55 min
     python bench/fidelity.py --budget paper --set teacher.use_gpu=true --set distill.gpus_per_task=0.5
                                                           # the `amazon` preset's protocol, on a GPU host
 
@@ -14,6 +15,10 @@ budgets share one size (200 reviews per domain, 64 tokens) and differ in what th
   setting below;
 - full, 3 seeds (fits 90 min on 2 cores): `amazon-3seeds`, the decisive rows (`no_kd`, the two
   strongest single-teacher KD rows of the small budget, `meta_kd`), and `amazon-scarce10`;
+- full-transfer, 3 seeds: `amazon-3seeds` again, with every distilling student also learning its
+  teacher's soft labels on 1,000 unlabelled reviews of its domain (`distill.unlabelled_per_domain`,
+  as the quickstart does), taking 285 steps instead of the full budget's 160 (no_kd is unchanged:
+  it needs gold labels);
 - paper, 3 seeds: every setting at the preset's own sizes, for a GPU host.
 
 Further settings, each its own section of the report:
@@ -59,9 +64,13 @@ COMMON = ["model.teacher=minilm", "model.student_layers=2", "model.student_init=
 CPU_SIZES = ["data.max_train_per_domain=200", "data.max_length=64", "teacher.epochs=2", "general.epochs=2",
              "distill.batch_size=8", "distill.eval_every=25", "distill.stage1_epochs=1", "distill.stage2_epochs=4",
              "distill.no_kd_epochs=5", "distill.min_steps=60"]
+# 1,200 texts per domain: stage 1 a quarter epoch (60 steps, the budget's floor), stage 2 1.5 epochs
+# (225 steps); the full budget's distilling students take 60 + 100
+TRANSFER_SET = ["distill.unlabelled_per_domain=1000", "distill.stage1_epochs=0.25", "distill.stage2_epochs=1.5"]
 BUDGETS = {
     "small": COMMON + CPU_SIZES,
     "full": COMMON + CPU_SIZES,
+    "full-transfer": COMMON + CPU_SIZES + TRANSFER_SET,
     "paper": [],  # the amazon preset as it is
 }
 # A student with random layers needs more text than 800 reviews to imitate its teacher: 1,000 more per
@@ -73,7 +82,8 @@ SETTINGS = {
     "amazon": ("amazon", [], "all", {"small": 1, "paper": 3}),
     # the decisive rows over 3 seeds: Meta-KD against the label-trained student and the two strongest
     # single-teacher KD rows of the small budget
-    "amazon-3seeds": ("amazon", [], "no_kd,tinybert_kd(mix),tinybert_kd(meta),meta_kd", {"full": 3}),
+    "amazon-3seeds": ("amazon", [], "no_kd,tinybert_kd(mix),tinybert_kd(meta),meta_kd",
+                      {"full": 3, "full-transfer": 3}),
     "amazon-scarce10": ("amazon", ["data.target_fraction=0.1"], "no_kd,tinybert_kd(single),meta_kd",
                         {"small": 1, "full": 3, "paper": 3}),
     "amazon-unseen-books": ("amazon", ["data.held_out_domain=books"], "meta_kd,no_kd", {"small": 1, "paper": 3}),
