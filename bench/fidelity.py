@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/fidelity.py --budget small     # 2 cores: 1 seed of every row and setting
     .venv/bin/python bench/fidelity.py                    # --budget full (2 cores): 3 seeds, ~90 min
-    .venv/bin/python bench/fidelity.py --budget full-transfer   # amazon-3seeds with a transfer set, ~55 min
+    .venv/bin/python bench/fidelity.py --budget full-transfer   # amazon-3seeds with a transfer set, ~47 min
     python bench/fidelity.py --budget paper --set teacher.use_gpu=true --set distill.gpus_per_task=0.5
                                                           # the `amazon` preset's protocol, on a GPU host
 
