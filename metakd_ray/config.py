@@ -38,6 +38,7 @@ ATTENTION_TARGETS = ("scores", "probs")
 SCHEDULES = ("two_stage", "joint")
 TERM_SCALES = ("target", "none")
 TRUNCATIONS = ("head", "head_tail")
+NARROW_INITS = ("teacher_layers", "embeddings")
 STUDENT_INITS = ("pretrained", "teacher", "general")  # or a checkpoint path / hub id
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -148,6 +149,9 @@ class GeneralConfig:
     # More text than the training split: up to this many texts per domain from the rest of its
     # training partition (what data.max_train_per_domain left out; never dev or test), labels unused.
     unlabelled_per_domain: int = 0
+    # A student narrower than the teacher starts from the teacher's layers compressed into its width
+    # ("teacher_layers"), or from the teacher's embeddings only, its layers random ("embeddings")
+    narrow_init: str = "teacher_layers"
     batch_size: int = 32
     warmup_fraction: float = 0.1
     weight_decay: float = 0.01
@@ -437,6 +441,7 @@ def validate(cfg: Config) -> None:
     _choice("distill.term_scale", cfg.distill.term_scale, TERM_SCALES)
     _choice("distill.stage1_schedule", cfg.distill.stage1_schedule, ("linear", "constant"))
     _choice("data.truncation", cfg.data.truncation, TRUNCATIONS)
+    _choice("general.narrow_init", cfg.general.narrow_init, NARROW_INITS)
     _choice("model.pooling", cfg.model.pooling, ("cls", "mean"))
     _choice("teacher.placement_strategy", cfg.teacher.placement_strategy,
             ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))

@@ -19,10 +19,12 @@ target``. Where it starts:
 - a student of the teacher's width, heads and FFN size starts as the teacher's first layers (the
   "pretrained" cut) with W_fit = I: general distillation then teaches those layers to produce what
   the teacher's deeper layers produce, which a cut never learnt;
-- a narrower student starts with random layers and the teacher's word, position and type
-  embeddings projected onto their top principal directions, W_fit as the projection back, so it
-  begins with the teacher's vocabulary knowledge (the corpus here is thousands of reviews, not
-  Wikipedia).
+- a narrower student starts as the teacher compressed into its width (``general.narrow_init:
+  teacher_layers``, ``start_from_teacher_layers``): the teacher's hidden states in their top
+  principal directions, its strongest heads and FFN neurons, W_fit as the projection back. The
+  corpus here is thousands of reviews, not Wikipedia, too little for random layers; with
+  ``embeddings`` the layers start random and only the embeddings are the teacher's, projected onto
+  the top principal directions of its word embeddings.
 
 The result (``<output_dir>/general/<key>/``: ``encoder/``, ``fit.safetensors``, ``result.json``)
 depends only on the data, the teacher checkpoint, the student's shape and the ``general`` section,
@@ -51,6 +53,8 @@ from metakd_ray.terminal import relayed_console, say_to
 from metakd_ray.tracking import RunRef, flatten, open_run, system_metrics
 from metakd_ray.training import TrainingStage, batch_at, eval_batch_size, forward, seed_everything, stage_steps
 
+# texts whose teacher hidden states give a narrow student's principal directions and LayerNorm fits
+SAMPLE = 256
 SHAPE_KEYS = ("teacher", "student_layers", "student_hidden", "student_heads", "student_intermediate", "layer_map")
 
 
@@ -85,17 +89,123 @@ def student_encoder(cfg: Config):
     return AutoModel.from_config(config)
 
 
+def principal_directions(rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``width`` principal directions of ``rows`` X [N, D] and their mean:
+
+        x ≈ μ + (x - μ) Pᵀ P,   μ = mean_n X_n,   P = the top ``width`` right singular vectors of (X - μ)
+
+    Returns (P [width, D], μ [D]); (x - μ) Pᵀ are x's coordinates in ``width`` dimensions."""
+    mean = rows.mean(0)
+    _, _, vh = torch.linalg.svd(rows - mean, full_matrices=False)
+    return vh[:width], mean
+
+
 def principal_embeddings(teacher_weight: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The teacher's embedding table E [V, D] in ``width`` dimensions by PCA:
+    """The teacher's embedding table E [V, D] in ``width`` dimensions by PCA (``principal_directions``).
 
-        E ≈ μ + (E - μ) P Pᵀ,   P = the top ``width`` right singular vectors of (E - μ)   [D, width]
-
-    Returns ((E - μ) P  [V, width], Pᵀ [width, D], μ [D]); a linear map x -> x Pᵀ + μ takes the
+    Returns ((E - μ) Pᵀ  [V, width], P [width, D], μ [D]); a linear map x -> x P + μ takes the
     student's rows back to the teacher's space (W_fit's starting point)."""
-    mean = teacher_weight.mean(0)
-    _, _, vh = torch.linalg.svd(teacher_weight - mean, full_matrices=False)
-    basis = vh[:width]  # [width, D]
+    basis, mean = principal_directions(teacher_weight, width)
     return (teacher_weight - mean) @ basis.T, basis, mean
+
+
+def fit_layer_norm(inputs: torch.Tensor, targets: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LayerNorm scale γ and shift β that best map ``inputs`` [N, w] to ``targets`` [N, w]:
+
+        n = (x - mean_d x) / sqrt(var_d x + eps)                  (what the LayerNorm makes of a row x)
+        γ_d = cov_N(n_d, y_d) / var_N(n_d),   β_d = mean_N(y_d) - γ_d · mean_N(n_d)
+
+    per dimension d, the least-squares fit of y_d by γ_d n_d + β_d over the N rows."""
+    normed = (inputs - inputs.mean(-1, keepdim=True)) / torch.sqrt(inputs.var(-1, unbiased=False, keepdim=True) + eps)
+    n_mean, y_mean = normed.mean(0), targets.mean(0)
+    gamma = ((normed - n_mean) * (targets - y_mean)).mean(0) / (normed - n_mean).pow(2).mean(0).clamp(min=1e-12)
+    return gamma, y_mean - gamma * n_mean
+
+
+def can_compress(student_config, teacher_config) -> bool:
+    """Whether ``start_from_teacher_layers`` applies: the student keeps the teacher's head size and
+    has no more heads or FFN neurons than it (a BERT-style encoder)."""
+    head = teacher_config.hidden_size // teacher_config.num_attention_heads
+    return (getattr(teacher_config, "model_type", "") in ("bert", "roberta", "xlm-roberta", "electra")
+            and student_config.hidden_size // student_config.num_attention_heads == head
+            and student_config.num_attention_heads <= teacher_config.num_attention_heads
+            and student_config.intermediate_size <= teacher_config.intermediate_size)
+
+
+def _strongest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return scores.topk(k).indices.sort().values
+
+
+@torch.no_grad()
+def start_from_teacher_layers(student, teacher, sample: dict, layer_map: list[int]) -> None:
+    """A narrower student as the teacher compressed into its width, before general distillation.
+
+    The student's hidden state is the teacher's in the top ``width`` principal directions P of the
+    teacher's hidden states on ``sample`` (every layer, real tokens): h_S = (h_T - μ) Pᵀ, h_T ≈ h_S P + μ.
+    Student layer j is teacher layer map(j) seen through P:
+
+    - embeddings: the teacher's word, position and type tables times Pᵀ;
+    - maps that read the hidden state (query, key, value, FFN in): W[r] Pᵀ with bias b[r] + W[r] μ, over
+      the teacher's heads / FFN neurons r with the largest ‖W_in[r]‖·‖W_out[:, r]‖, as many as the
+      student has;
+    - maps that write it (attention out, FFN out): P W[:, r] with bias P b;
+    - every LayerNorm: γ, β fitted to the teacher's on ``sample`` through P (``fit_layer_norm``);
+    - W_fit: x -> x P + μ, the map back.
+
+    Random layers learn little from thousands of reviews; these start with the teacher's attention
+    patterns and features. ``can_compress`` says when it applies."""
+    t_enc, s_enc = teacher.encoder, student.encoder
+    inputs = {"input_ids": sample["input_ids"], "attention_mask": sample["attention_mask"],
+              "token_type_ids": sample["token_type_ids"]}
+    real = sample["attention_mask"].bool()
+    t_layers = [t_enc.encoder.layer[j - 1] for j in layer_map]
+    s_layers = list(s_enc.encoder.layer)
+    norms = [(t_enc.embeddings.LayerNorm, s_enc.embeddings.LayerNorm)]
+    for t, s in zip(t_layers, s_layers):
+        norms += [(t.attention.output.LayerNorm, s.attention.output.LayerNorm), (t.output.LayerNorm, s.output.LayerNorm)]
+    seen = {}
+    hooks = [t.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, (i[0][real], o[real])))
+             for k, (t, _) in enumerate(norms)]
+    try:
+        states = t_enc(**inputs, output_hidden_states=True).hidden_states
+    finally:
+        for hook in hooks:
+            hook.remove()
+    basis, mean = principal_directions(torch.cat([h[real] for h in states]).float(), s_enc.config.hidden_size)
+
+    def reads(s_lin, t_lin, rows):
+        s_lin.weight.copy_(t_lin.weight[rows] @ basis.T)
+        s_lin.bias.copy_(t_lin.bias[rows] + t_lin.weight[rows] @ mean)
+
+    def writes(s_lin, t_lin, cols):
+        s_lin.weight.copy_(basis @ t_lin.weight[:, cols])
+        s_lin.bias.copy_(basis @ t_lin.bias)
+
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        getattr(s_enc.embeddings, name).weight.copy_(getattr(t_enc.embeddings, name).weight @ basis.T)
+    size = t_enc.config.hidden_size // t_enc.config.num_attention_heads
+    for t, s in zip(t_layers, s_layers):
+        att = t.attention
+        heads = [slice(h * size, (h + 1) * size) for h in range(t_enc.config.num_attention_heads)]
+        importance = torch.stack([att.self.value.weight[h].norm() * att.output.dense.weight[:, h].norm() for h in heads])
+        rows = torch.cat([torch.arange(heads[h].start, heads[h].stop, device=importance.device)
+                          for h in _strongest(importance, s_enc.config.num_attention_heads)])
+        for name in ("query", "key", "value"):
+            reads(getattr(s.attention.self, name), getattr(att.self, name), rows)
+        writes(s.attention.output.dense, att.output.dense, rows)
+        neurons = _strongest(t.intermediate.dense.weight.norm(dim=1) * t.output.dense.weight.norm(dim=0),
+                             s.intermediate.dense.out_features)
+        reads(s.intermediate.dense, t.intermediate.dense, neurons)
+        writes(s.output.dense, t.output.dense, neurons)
+    for k, (_, s_norm) in enumerate(norms):
+        x, y = seen[k]
+        # the embedding sum is projected without centring (its tables are); a layer's input is a hidden state
+        x = x @ basis.T if k == 0 else (x - mean) @ basis.T
+        gamma, beta = fit_layer_norm(x.float(), ((y - mean) @ basis.T).float(), s_norm.eps)
+        s_norm.weight.copy_(gamma)
+        s_norm.bias.copy_(beta)
+    student.projection.weight.copy_(basis.T)
+    student.projection.bias.copy_(mean)
 
 
 def start_from_teacher_embeddings(student, teacher) -> None:
@@ -122,10 +232,16 @@ def general_distill(cfg: Config, data: PreparedData, device: torch.device | None
     teacher = wrap_encoder(load_encoder(model_path(cfg.model.teacher)), data.labels, data.domains).to(device).eval()
     student = wrap_encoder(student_encoder(cfg), data.labels, data.domains, projection_dim=cfg.teacher_arch.width,
                            dropout=cfg.model.dropout)
-    if student.encoder.config.hidden_size != teacher.encoder.config.hidden_size:
-        start_from_teacher_embeddings(student, teacher)
-    student.to(device)
     texts = general_corpus(cfg, data) if texts is None else texts  # the labels are never read
+    if student.encoder.config.hidden_size != teacher.encoder.config.hidden_size:
+        if gcfg.narrow_init == "teacher_layers" and can_compress(student.encoder.config, teacher.encoder.config):
+            sample = batch_at(texts.tensors(), torch.linspace(0, len(texts) - 1, min(len(texts), SAMPLE)).long(), device)
+            start_from_teacher_layers(student, teacher, sample, cfg.layer_map)
+            say(f"[general] the student starts as the teacher's layers {cfg.layer_map} compressed to "
+                f"{cfg.student_width} dimensions (general.narrow_init: teacher_layers)")
+        else:
+            start_from_teacher_embeddings(student, teacher)
+    student.to(device)
     layers = [0] + cfg.layer_map
     scale = cfg.distill.term_scale == "target"
 
