@@ -3,6 +3,7 @@
     .venv/bin/python bench/fidelity.py --budget small     # 2 cores: 1 seed of every row and setting
     .venv/bin/python bench/fidelity.py                    # --budget full (2 cores): 3 seeds, ~90 min
     .venv/bin/python bench/fidelity.py --budget full-transfer   # amazon-3seeds with a transfer set, ~47 min
+    .venv/bin/python bench/fidelity.py --budget narrow    # the narrow student with a transfer set, 3 seeds
     python bench/fidelity.py --budget paper --set teacher.use_gpu=true --set distill.gpus_per_task=0.5
                                                           # the `amazon` preset's protocol, on a GPU host
 
@@ -19,6 +20,7 @@ budgets share one size (200 reviews per domain, 64 tokens) and differ in what th
   teacher's soft labels on 1,000 unlabelled reviews of its domain (`distill.unlabelled_per_domain`,
   as the quickstart does), taking 285 steps instead of the full budget's 160 (no_kd is unchanged:
   it needs gold labels);
+- narrow, 3 seeds: `amazon-narrow` with the same transfer set;
 - paper, 3 seeds: every setting at the preset's own sizes, for a GPU host.
 
 Further settings, each its own section of the report:
@@ -71,10 +73,11 @@ BUDGETS = {
     "small": COMMON + CPU_SIZES,
     "full": COMMON + CPU_SIZES,
     "full-transfer": COMMON + CPU_SIZES + TRANSFER_SET,
+    "narrow": COMMON + CPU_SIZES + TRANSFER_SET,
     "paper": [],  # the amazon preset as it is
 }
-# A student with random layers needs more text than 800 reviews to imitate its teacher: 1,000 more per
-# domain from the training partitions, labels unused.
+# A narrow student starts as the teacher's layers compressed (general.narrow_init) and imitates the
+# pretrained teacher on 1,000 more reviews per domain from the training partitions, labels unused.
 NARROW = ["model.student_layers=4", "model.student_hidden=128", "model.student_heads=4", "general.lr=3e-4",
           "general.epochs=3", "general.unlabelled_per_domain=1000"]
 # setting -> (preset, overrides, methods, seeds for this budget)
@@ -88,7 +91,7 @@ SETTINGS = {
                         {"small": 1, "full": 3, "paper": 3}),
     "amazon-unseen-books": ("amazon", ["data.held_out_domain=books"], "meta_kd,no_kd", {"small": 1, "paper": 3}),
     "amazon-unseen-kitchen": ("amazon", ["data.held_out_domain=kitchen"], "meta_kd,no_kd", {"paper": 3}),
-    "amazon-narrow": ("amazon", NARROW, "meta_kd,no_kd", {"small": 1, "paper": 3}),
+    "amazon-narrow": ("amazon", NARROW, "meta_kd,no_kd,tinybert_kd(meta)", {"small": 1, "narrow": 3, "paper": 3}),
     # the paper's second table: premise/hypothesis pairs (head truncation), 5 genres
     "mnli": ("mnli", ["data.truncation=head"], "meta_kd,no_kd,tinybert_kd(mix),tinybert_kd(meta)", {"small": 1}),
     "mnli-all": ("mnli", [], "all", {"paper": 3}),

@@ -309,6 +309,25 @@ def test_progress_board_prints_changes_only_with_steps_and_time_left():
     assert board.line({"meta_kd/kitchen": (30, 100)}, force=True, now=t0 + 46).startswith("[distill] 1/4 done")
 
 
+def test_a_narrow_student_starts_closer_to_its_teacher_as_its_compressed_layers(tiny_config):
+    """general.narrow_init: a student 128 wide (the teacher's head size, 4 of its 12 heads) that starts
+    as the teacher's layers compressed imitates the pretrained teacher better on held-out text, before
+    any step, than one whose layers start random; and it is still trained from there."""
+    from metakd_ray.general import general_distill
+
+    losses = {}
+    for start in ("embeddings", "teacher_layers"):
+        cfg = load_config(str(tiny_config(model={"student_init": "general", "student_hidden": 128, "student_heads": 4},
+                                          general={"epochs": 0.01, "batch_size": 16, "narrow_init": start})))
+        data = prepare(cfg, quiet=True)
+        lines = []
+        losses[start] = general_distill(cfg, data, say=lines.append)["result"]["dev_loss"]
+        assert any("compressed to 128 dimensions" in line for line in lines) == (start == "teacher_layers")
+    assert losses["teacher_layers"] < 0.7 * losses["embeddings"]
+    cfg.general.epochs = 2
+    assert general_distill(cfg, data, say=lambda line: None)["result"]["dev_loss"] < losses["teacher_layers"]
+
+
 def test_general_distillation_learns_and_students_start_from_it(tiny_config, tmp_path):
     """The general student imitates the pretrained teacher better after training than at its
     (PCA-embedding) start, on held-out text; a student built from the saved files is that model."""

@@ -185,6 +185,7 @@ def test_validate_prints_resolved_config_with_overrides(capsys):
     ("teacher.kind=multi", ["teacher.kind", "mtl"]),
     ("distill.term_scale=max", ["distill.term_scale", "target"]),
     ("general.lr=0", ["general.lr", "> 0"]),
+    ("general.narrow_init=random", ["general.narrow_init", "teacher_layers, embeddings"]),
     ("distill.min_steps=-5", ["distill.min_steps", ">= 0"]),
     ("data.domains=[books,toys]", ["data.domains", "toys"]),
     ("data.held_out_domain=toys", ["data.held_out_domain"]),

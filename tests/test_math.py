@@ -247,3 +247,16 @@ def test_principal_embeddings_map_back_to_the_teachers():
     small, basis, mean = principal_embeddings(table, 3)
     assert small.shape == (50, 3) and basis.shape == (3, 4)
     assert torch.allclose(small @ basis + mean, table, atol=1e-4)  # 3 directions hold it all
+
+
+def test_layer_norm_fit_recovers_scale_and_shift_by_hand():
+    from metakd_ray.general import fit_layer_norm
+
+    # rows [1, 2, 3] and [3, 1, 2] normalise to ±sqrt(3/2) and 0 (mean 2, variance 2/3)
+    x = torch.tensor([[1.0, 2.0, 3.0], [3.0, 1.0, 2.0]])
+    r = 1.5 ** 0.5
+    normed = torch.tensor([[-r, 0.0, r], [r, -r, 0.0]])
+    y = normed * torch.tensor([2.0, 2.0, 2.0]) + torch.tensor([1.0, -1.0, 0.5])
+    gamma, beta = fit_layer_norm(x, y, eps=0.0)
+    assert torch.allclose(gamma, torch.tensor([2.0, 2.0, 2.0]), atol=1e-5)
+    assert torch.allclose(beta, torch.tensor([1.0, -1.0, 0.5]), atol=1e-5)
