@@ -20,7 +20,7 @@ budgets share one size (200 reviews per domain, 64 tokens) and differ in what th
   teacher's soft labels on 1,000 unlabelled reviews of its domain (`distill.unlabelled_per_domain`,
   as the quickstart does), taking 285 steps instead of the full budget's 160 (no_kd is unchanged:
   it needs gold labels);
-- narrow, 3 seeds: `amazon-narrow` with the same transfer set;
+- narrow, 3 seeds (about 21 min on 2 cores): `amazon-narrow` with the same transfer set;
 - paper, 3 seeds: every setting at the preset's own sizes, for a GPU host.
 
 Further settings, each its own section of the report:
