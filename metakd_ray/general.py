@@ -240,6 +240,10 @@ def general_distill(cfg: Config, data: PreparedData, device: torch.device | None
             say(f"[general] the student starts as the teacher's layers {cfg.layer_map} compressed to "
                 f"{cfg.student_width} dimensions (general.narrow_init: teacher_layers)")
         else:
+            if gcfg.narrow_init == "teacher_layers":
+                say("[general] the student's layers start random: compressing the teacher's needs its head size "
+                    f"({cfg.teacher_arch.width // cfg.teacher_arch.heads}), no more heads or FFN neurons than it has, "
+                    "and a BERT-style encoder")
             start_from_teacher_embeddings(student, teacher)
     student.to(device)
     layers = [0] + cfg.layer_map

@@ -337,8 +337,9 @@ def test_general_distillation_learns_and_students_start_from_it(tiny_config, tmp
                          general={"epochs": 0.01, "batch_size": 16, "lr": 1e-3})
     cfg = load_config(str(config))
     data = prepare(cfg, quiet=True)
-    start = general_distill(cfg, data, say=lambda line: None)["result"]
-    assert start["steps"] == 0
+    lines = []
+    start = general_distill(cfg, data, say=lines.append)["result"]
+    assert start["steps"] == 0 and any("layers start random" in line for line in lines)  # head size 24, not 32
     cfg.general.epochs = 4
     out = general_distill(cfg, data, say=lambda line: None)
     assert out["result"]["steps"] == 24 and out["result"]["dev_loss"] < 0.8 * start["dev_loss"]
