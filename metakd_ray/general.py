@@ -162,7 +162,8 @@ def start_from_teacher_layers(student, teacher, sample: dict, layer_map: list[in
     s_layers = list(s_enc.encoder.layer)
     norms = [(t_enc.embeddings.LayerNorm, s_enc.embeddings.LayerNorm)]
     for t, s in zip(t_layers, s_layers):
-        norms += [(t.attention.output.LayerNorm, s.attention.output.LayerNorm), (t.output.LayerNorm, s.output.LayerNorm)]
+        norms += [(t.attention.output.LayerNorm, s.attention.output.LayerNorm),
+                  (t.output.LayerNorm, s.output.LayerNorm)]
     seen = {}
     hooks = [t.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, (i[0][real], o[real])))
              for k, (t, _) in enumerate(norms)]
@@ -187,7 +188,8 @@ def start_from_teacher_layers(student, teacher, sample: dict, layer_map: list[in
     for t, s in zip(t_layers, s_layers):
         att = t.attention
         heads = [slice(h * size, (h + 1) * size) for h in range(t_enc.config.num_attention_heads)]
-        importance = torch.stack([att.self.value.weight[h].norm() * att.output.dense.weight[:, h].norm() for h in heads])
+        importance = torch.stack([att.self.value.weight[h].norm() * att.output.dense.weight[:, h].norm()
+                                  for h in heads])
         rows = torch.cat([torch.arange(heads[h].start, heads[h].stop, device=importance.device)
                           for h in _strongest(importance, s_enc.config.num_attention_heads)])
         for name in ("query", "key", "value"):
@@ -233,9 +235,10 @@ def general_distill(cfg: Config, data: PreparedData, device: torch.device | None
     student = wrap_encoder(student_encoder(cfg), data.labels, data.domains, projection_dim=cfg.teacher_arch.width,
                            dropout=cfg.model.dropout)
     texts = general_corpus(cfg, data) if texts is None else texts  # the labels are never read
+    corpus = texts.tensors()
     if student.encoder.config.hidden_size != teacher.encoder.config.hidden_size:
         if gcfg.narrow_init == "teacher_layers" and can_compress(student.encoder.config, teacher.encoder.config):
-            sample = batch_at(texts.tensors(), torch.linspace(0, len(texts) - 1, min(len(texts), SAMPLE)).long(), device)
+            sample = batch_at(corpus, torch.linspace(0, len(texts) - 1, min(len(texts), SAMPLE)).long(), device)
             start_from_teacher_layers(student, teacher, sample, cfg.layer_map)
             say(f"[general] the student starts as the teacher's layers {cfg.layer_map} compressed to "
                 f"{cfg.student_width} dimensions (general.narrow_init: teacher_layers)")
@@ -273,7 +276,7 @@ def general_distill(cfg: Config, data: PreparedData, device: torch.device | None
             say(f"[general] step {step}/{total} · {elapsed:.0f}s elapsed, about "
                 f"{elapsed / step * (total - step):.0f}s left")
 
-    stage = TrainingStage(student, texts.tensors(), gcfg, gcfg.seed, cfg.precision, run, device, progress)
+    stage = TrainingStage(student, corpus, gcfg, gcfg.seed, cfg.precision, run, device, progress)
     steps = stage(gcfg.epochs, gcfg.lr, 0, "general", loss_fn, internals=True)
     dev_loss = _held_out_loss(student, data, terms, device)
     if run:
