@@ -1,6 +1,7 @@
 """Fidelity: does Meta-KD beat the baseline students on the real Amazon reviews and MNLI genres, over seeds?
 
-    .venv/bin/python bench/fidelity.py --budget small     # 2 cores: 1 seed of every row and setting
+    .venv/bin/python bench/fidelity.py --budget small     # 2 cores, under 20 min: 1 seed, the decisive rows
+    .venv/bin/python bench/fidelity.py --budget table     # 2 cores: 1 seed of every row and setting
     .venv/bin/python bench/fidelity.py                    # --budget full (2 cores): 3 seeds, ~90 min
     .venv/bin/python bench/fidelity.py --budget full-transfer   # amazon-3seeds with a transfer set, ~48 min
     .venv/bin/python bench/fidelity.py --budget narrow    # the narrow student with a transfer set, 3 seeds
@@ -10,12 +11,15 @@
 The `amazon` preset (MiniLM-L6 teacher -> a 2-layer student general-distilled from it). The CPU
 budgets share one size (200 reviews per domain, 64 tokens) and differ in what they spend it on:
 
-- small, 1 seed (about 77 min on 2 cores): `amazon` with every row of the paper's table
+- small, 1 seed (15 min on 2 cores): `amazon-core`, the quick check: one meta-teacher, one general
+  student, and `no_kd`, `tinybert_kd(meta)` and `meta_kd` at full-transfer's settings (so its
+  students are seed 0 of full-transfer's, without the mix teacher's row);
+- table, 1 seed (about 100 min on 2 cores): `amazon` with every row of the paper's table
   (`--methods all`: `no_kd`, `tinybert_kd` from the single / mix / mtl / meta teachers, `mtn_kd`
   (the single-domain teachers' soft labels averaged) and `meta_kd`), and one seed of each further
   setting below;
 - full, 3 seeds (fits 90 min on 2 cores): `amazon-3seeds`, the decisive rows (`no_kd`, the two
-  strongest single-teacher KD rows of the small budget, `meta_kd`), and `amazon-scarce10`;
+  strongest single-teacher KD rows of the table budget, `meta_kd`), and `amazon-scarce10`;
 - full-transfer, 3 seeds: `amazon-3seeds` again, with every distilling student also learning its
   teacher's soft labels on 1,000 unlabelled reviews of its domain (`distill.unlabelled_per_domain`,
   as the quickstart does), taking 285 steps instead of the full budget's 160 (no_kd is unchanged:
@@ -31,7 +35,7 @@ Further settings, each its own section of the report:
   that domain's column;
 - `amazon-narrow`: a narrower general-distilled student (4 layers x 128 wide, 4 heads), for its size,
   latency and accuracy gap;
-- `mnli` (small budget: four rows) and `mnli-all` (paper budget: every row): the `mnli`
+- `mnli` (table budget: four rows) and `mnli-all` (paper budget: every row): the `mnli`
   preset, the paper's second table, on the 5-genre subset in ../shared/data.
 
 To fit 2 cores, the budgets shrink the paper's protocol (the report lists every reduction), and the
@@ -62,7 +66,7 @@ COMMON = ["model.teacher=minilm", "model.student_layers=2", "model.student_init=
           "data.truncation=head_tail", "data.max_dev_per_domain=0", "teacher.num_workers=2",
           "teacher.batch_size=16", "teacher.lr=1e-4", "teacher.eval_every=25", "distill.stage1_lr=1e-4",
           "distill.stage1_schedule=linear", "distill.stage2_lr=2e-4", "distill.temperature=0.2"]
-# Per-run sizes that fit 2 cores; the small and full budgets differ in seeds and rows, not sizes.
+# Per-run sizes that fit 2 cores; the table and full budgets differ in seeds and rows, not sizes.
 CPU_SIZES = ["data.max_train_per_domain=200", "data.max_length=64", "teacher.epochs=2", "general.epochs=2",
              "distill.batch_size=8", "distill.eval_every=25", "distill.stage1_epochs=1", "distill.stage2_epochs=4",
              "distill.no_kd_epochs=5", "distill.min_steps=60"]
@@ -74,7 +78,8 @@ TRANSFER_SET = ["distill.unlabelled_per_domain=1000", "distill.stage1_epochs=0.2
 # student's mean dev accuracy by 1.7-2.3 points (meta_kd 76.9 -> 78.8).
 PAPER_TEMPERATURE = ["distill.temperature=1.0"]
 BUDGETS = {
-    "small": COMMON + CPU_SIZES,
+    "small": COMMON + CPU_SIZES + TRANSFER_SET + PAPER_TEMPERATURE,
+    "table": COMMON + CPU_SIZES,
     "full": COMMON + CPU_SIZES,
     "full-transfer": COMMON + CPU_SIZES + TRANSFER_SET + PAPER_TEMPERATURE,
     "narrow": COMMON + CPU_SIZES + TRANSFER_SET,
@@ -86,18 +91,21 @@ NARROW = ["model.student_layers=4", "model.student_hidden=128", "model.student_h
           "general.epochs=3", "general.unlabelled_per_domain=1000"]
 # setting -> (preset, overrides, methods, seeds for this budget)
 SETTINGS = {
-    "amazon": ("amazon", [], "all", {"small": 1, "paper": 3}),
+    "amazon": ("amazon", [], "all", {"table": 1, "paper": 3}),
+    # the rows that need only the meta-teacher: Meta-KD against the label-trained student and
+    # single-teacher KD from the same teacher
+    "amazon-core": ("amazon", [], "no_kd,tinybert_kd(meta),meta_kd", {"small": 1}),
     # the decisive rows over 3 seeds: Meta-KD against the label-trained student and the two strongest
-    # single-teacher KD rows of the small budget
+    # single-teacher KD rows of the table budget
     "amazon-3seeds": ("amazon", [], "no_kd,tinybert_kd(mix),tinybert_kd(meta),meta_kd",
                       {"full": 3, "full-transfer": 3}),
     "amazon-scarce10": ("amazon", ["data.target_fraction=0.1"], "no_kd,tinybert_kd(single),meta_kd",
-                        {"small": 1, "full": 3, "paper": 3}),
-    "amazon-unseen-books": ("amazon", ["data.held_out_domain=books"], "meta_kd,no_kd", {"small": 1, "paper": 3}),
+                        {"table": 1, "full": 3, "paper": 3}),
+    "amazon-unseen-books": ("amazon", ["data.held_out_domain=books"], "meta_kd,no_kd", {"table": 1, "paper": 3}),
     "amazon-unseen-kitchen": ("amazon", ["data.held_out_domain=kitchen"], "meta_kd,no_kd", {"paper": 3}),
-    "amazon-narrow": ("amazon", NARROW, "meta_kd,no_kd,tinybert_kd(meta)", {"small": 1, "narrow": 3, "paper": 3}),
+    "amazon-narrow": ("amazon", NARROW, "meta_kd,no_kd,tinybert_kd(meta)", {"table": 1, "narrow": 3, "paper": 3}),
     # the paper's second table: premise/hypothesis pairs (head truncation), 5 genres
-    "mnli": ("mnli", ["data.truncation=head"], "meta_kd,no_kd,tinybert_kd(mix),tinybert_kd(meta)", {"small": 1}),
+    "mnli": ("mnli", ["data.truncation=head"], "meta_kd,no_kd,tinybert_kd(mix),tinybert_kd(meta)", {"table": 1}),
     "mnli-all": ("mnli", [], "all", {"paper": 3}),
 }
 
