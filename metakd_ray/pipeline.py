@@ -21,10 +21,15 @@ from metakd_ray.errors import MetaKDError
 from metakd_ray.general import ensure_general
 from metakd_ray.io import atomic_write_json, text_table
 from metakd_ray.methods import METHODS, TEACHER_KINDS, method, teacher_name
+from metakd_ray.models import load_model
 from metakd_ray.outputs import Store, student_dir, teacher_dir
 from metakd_ray.prototypes import compute_prototype_scores, prototype_dir
 from metakd_ray.teacher import train_teacher
 from metakd_ray.tracking import experiment_id, pipeline_run, register_best
+from metakd_ray.training import measure_latency
+
+LATENCY_KEYS = ("latency_ms", "latency_b32_ms")
+LATENCY_ROUNDS = 2
 
 
 def resolve_methods(spec: str | None, cfg: Config) -> list[str]:
@@ -74,7 +79,8 @@ def run_pipeline(cfg: Config, methods: list[str], fresh: bool = False, teachers_
     general = ensure_general(cfg, data, parent) if cfg.model.student_init == "general" else None
     jobs = [StudentJob(m, d) for m in methods for d in cfg.data.domains]
     students, failures = run_students(cfg, data, jobs, teachers, scores, parent, general)
-    results = assemble_results(cfg, data.domains, teachers, students, parent, failures, store)
+    latency = time_side_by_side(cfg, data, teachers, students)
+    results = assemble_results(cfg, data.domains, teachers, students, parent, failures, store, latency)
     parent.log_metrics(summary_metrics(results))
     results["registered"] = register_best(cfg, students)
     atomic_write_json(cfg.out / "results.json", results)
@@ -101,23 +107,57 @@ def _have_teacher(cfg: Config, store: Store | None, name: str) -> bool:
     return (directory / "result.json").is_file() or bool(store and store.get(f"teachers/{name}", directory))
 
 
+def time_side_by_side(cfg: Config, data, teachers: dict, students: dict) -> dict[str, dict]:
+    """Batch-1 and batch-32 CPU latency (``measure_latency``) of one teacher of each kind and one
+    student of each method, timed one after another in this process once training is over, on the
+    same test example: {"teacher meta" | method: {"latency_ms": ..., "latency_b32_ms": ...}}.
+
+    Each model's own figures were timed when it finished training, a student's with other students
+    training beside it, so ratios between them drift with the load (4.0x against 6.1x for the same
+    student). Models of one kind or method share their architecture, so one stands for all; each
+    figure is the fastest of ``LATENCY_ROUNDS`` rounds, which interleave the models."""
+    paths = {}
+    for name, summary in teachers.items():
+        paths.setdefault(f"teacher {summary['kind']}", teacher_dir(cfg, name) / "model")
+    for name, per in students.items():
+        if per:
+            paths[name] = student_dir(cfg, name, next(iter(per))) / "model"
+    models = {label: load_model(path)[0] for label, path in paths.items() if (path / "config.json").is_file()}
+    if models:
+        print(f"[latency] timing {', '.join(models)} side by side (one CPU thread)", flush=True)
+    split = data.splits["test"]
+    best: dict[str, dict] = {}
+    for _ in range(LATENCY_ROUNDS):
+        for label, model in models.items():
+            timed = measure_latency(model, split)
+            best[label] = {k: min(timed[k], best.get(label, {}).get(k, float("inf"))) for k in LATENCY_KEYS}
+    return best
+
+
 def assemble_results(cfg: Config, domains: list[str], teachers: dict, students: dict, parent, failures: dict,
-                     store: Store | None) -> dict:
+                     store: Store | None, latency: dict[str, dict] | None = None) -> dict:
+    """results.json. ``latency`` (``time_side_by_side``) replaces the latencies each model got when
+    it was trained, and each student's speed-up is recomputed from it."""
+    latency = latency or {}
     teacher_table: dict = {}
     for name, summary in teachers.items():
         kind = summary["kind"]
         for domain, acc in summary["per_domain"].items():
             cell = {"dev_acc": acc["dev_acc"], "test_acc": acc["test_acc"], "run_id": summary["run_id"]}
             cell.update({k: summary[k] for k in ("params", "latency_ms") if k in summary})  # older teachers lack them
+            cell.update(latency.get(f"teacher {kind}", {}))
             teacher_table.setdefault(kind, {})[domain] = cell
-    student_table = {
-        method: {domain: {k: r[k] for k in ("dev_acc", "test_acc", "params", "latency_ms", "latency_b32_ms",
-                                            "compression", "speedup", "train_examples", "run_id", "model_id",
-                                            "test_correct")
-                          if k in r}
-                 for domain, r in per.items()}
-        for method, per in students.items()
-    }
+    student_table: dict = {}
+    for name, per in students.items():
+        timed = latency.get(name, {})
+        reference = latency.get(method(name).teacher_row or "teacher meta", {})
+        for domain, r in per.items():
+            cell = {k: r[k] for k in ("dev_acc", "test_acc", "params", "latency_ms", "latency_b32_ms", "compression",
+                                      "speedup", "train_examples", "run_id", "model_id", "test_correct") if k in r}
+            cell.update(timed)
+            if timed and reference:
+                cell["speedup"] = reference["latency_ms"] / timed["latency_ms"]
+            student_table.setdefault(name, {})[domain] = cell
     return {
         "name": cfg.name,
         "seed": cfg.seed,
@@ -133,6 +173,8 @@ def assemble_results(cfg: Config, domains: list[str], teachers: dict, students: 
                       "students": sorted({r.get("precision", "fp32") for per in students.values()
                                           for r in per.values()})},
         "storage": store.uri if store else None,
+        "latency": {"measured": "batch 1 and 32, one CPU thread, fp32; every model side by side after training, "
+                                f"the fastest of {LATENCY_ROUNDS} rounds", "models": latency} if latency else None,
         "config_hash": cfg.hash(),
         "config": cfg.to_dict(),
     }

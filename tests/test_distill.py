@@ -195,6 +195,17 @@ def test_run_pipeline_results_agree_with_mlflow(ray_local, tiny_config, capsys):
     assert set(results["students"]) == {"meta_kd", "no_kd", "tinybert_kd(mtl)"}
     assert set(results["teacher"]["meta"]) == set(results["teacher"]["mtl"]) == {"books", "kitchen"}
     assert "meta_kd" in out and "mean" in out  # the printed table
+    # every model timed side by side after training: one figure per teacher kind and method, and
+    # each speed-up the ratio of those figures
+    timed = results["latency"]["models"]
+    assert set(timed) == {"teacher meta", "teacher mtl", "meta_kd", "no_kd", "tinybert_kd(mtl)"}
+    assert all(t["latency_b32_ms"] > t["latency_ms"] > 0 for t in timed.values())
+    for kind in ("meta", "mtl"):
+        assert {c["latency_ms"] for c in results["teacher"][kind].values()} == {timed[f"teacher {kind}"]["latency_ms"]}
+    for name, teacher in (("meta_kd", "meta"), ("no_kd", "meta"), ("tinybert_kd(mtl)", "mtl")):
+        for cell in results["students"][name].values():
+            assert cell["latency_ms"] == timed[name]["latency_ms"]
+            assert cell["speedup"] == pytest.approx(timed[f"teacher {teacher}"]["latency_ms"] / cell["latency_ms"])
 
     client = MlflowClient(results["mlflow"]["tracking_uri"])
     parent = results["mlflow"]["parent_run_id"]
@@ -222,6 +233,7 @@ def test_run_pipeline_results_agree_with_mlflow(ray_local, tiny_config, capsys):
     parent_metrics = client.get_run(parent).data.metrics
     assert parent_metrics["test_acc/meta-kd"] == pytest.approx(np.mean([r["test_acc"] for r in
                                                                          results["students"]["meta_kd"].values()]))
+    assert parent_metrics["speedup/meta-kd"] == pytest.approx(results["students"]["meta_kd"]["books"]["speedup"])
     for domain in results["domains"]:  # the dev-best student of each domain, registered
         best = client.get_model_version_by_alias(f"metakd-{cfg.tracking.experiment}-{domain}", "best")
         assert best.run_id == max((per[domain] for per in results["students"].values()),
