@@ -189,7 +189,10 @@ def summarize(settings: list[Setting]) -> dict:
                          "latency_ms": _finite_mean(s.cells(row, "latency_ms"))}
         out[s.name] = {"domains": s.domains, "seeds": [r.get("student_seed", r.get("seed")) for r in s.runs],
                        "target_fraction": s.config.get("data", {}).get("target_fraction", 1.0),
-                       "rows": rows, "meta_kd_margins": margins(s)}
+                       "rows": rows, "meta_kd_margins": margins(s),
+                       # results.json files older than pipeline.time_side_by_side hold each model's latency
+                       # as timed when it finished training, under whatever load there was then
+                       "latency_side_by_side": all(r.get("latency") for r in s.runs)}
         out[s.name]["size_and_speed"] = size_and_speed(out[s.name])
     return out
 
@@ -311,8 +314,11 @@ def markdown(settings: list[Setting], summary: dict, reductions: list[str], figu
             lines += [f"- `{row}` from `{teacher}`: {gap:+.1f}" for row, (teacher, gap) in gaps.items()] + [""]
         sizes = size_and_speed(info)
         if sizes:
+            timed = ("every model timed side by side after training" if info["latency_side_by_side"] else
+                     "each model timed when it finished training, under the load of that moment, so the speed-ups "
+                     "drift")
             lines += ["Size and speed against the teacher (encoder parameters; batch-1 latency on one CPU thread, "
-                      "fp32; the paper's TinyBERT-4L is 7.5× smaller and 9.4× faster than BERT-base):", ""]
+                      f"fp32, {timed}; the paper's TinyBERT-4L is 7.5× smaller and 9.4× faster than BERT-base):", ""]
             lines += [f"- `{row}`: {r['params'] / 1e6:.1f} M parameters vs {r['teacher_params'] / 1e6:.1f} M "
                       f"(**{r['compression']:.2f}× smaller**), {r['latency_ms']:.1f} ms vs "
                       f"{r['teacher_latency_ms']:.1f} ms (**{r['speedup']:.2f}× faster**)"

@@ -60,6 +60,7 @@ def test_one_report_holds_settings_over_different_domains(tmp_path):
         assert (tmp_path / "report" / name).is_file(), name
     md = (tmp_path / "report" / "report.md").read_text()
     assert "## Setting `amazon`" in md and "## Setting `mnli`" in md
+    assert "timed when it finished training" in md  # results without the side-by-side timing say so
 
 
 # --------------------------------------------------------------------------- real pipeline runs
@@ -115,6 +116,7 @@ def test_report_over_seeds_from_directories_and_from_mlflow(two_seeds, tmp_path,
         want = np.mean([first["students"]["meta_kd"][d]["test_acc"], second["students"]["meta_kd"][d]["test_acc"]])
         assert summary["rows"]["meta_kd"]["per_domain"][d]["mean"] == pytest.approx(want)
     assert summary["rows"]["teacher meta"]["latency_ms"] > summary["rows"]["meta_kd"]["latency_ms"] > 0
+    assert summary["latency_side_by_side"] and "timed side by side after training" in (report / "report.md").read_text()
     assert set(summary["meta_kd_margins"]) == {"no_kd"}
     margin = summary["meta_kd_margins"]["no_kd"]
     lo, hi = margin["ci"]  # per-example results give a paired bootstrap interval and a verdict
