@@ -98,7 +98,8 @@ def pipeline(cfg, methods: list[str]) -> dict:
     """(b) and (c): every stage of `metakd-ray run`, timed one by one."""
     from metakd_ray.data.prepare import prepare
     from metakd_ray.distill import StudentJob, run_students
-    from metakd_ray.pipeline import assemble_results, format_table, teachers_needed, train_teachers
+    from metakd_ray.general import ensure_general
+    from metakd_ray.pipeline import assemble_results, format_table, teachers_needed, time_side_by_side, train_teachers
     from metakd_ray.prototypes import compute_prototype_scores
     from metakd_ray.tracking import pipeline_run
 
@@ -112,10 +113,14 @@ def pipeline(cfg, methods: list[str]) -> dict:
         parent = pipeline_run(cfg)
         teachers = train_teachers(cfg, data, scores, teachers_needed(cfg, methods), parent)
         seconds["teachers"] = time.perf_counter() - start - sum(seconds.values())
+        general = ensure_general(cfg, data, parent) if cfg.model.student_init == "general" else None
+        if general:
+            seconds["general student"] = time.perf_counter() - start - sum(seconds.values())
         jobs = [StudentJob(m, d) for m in methods for d in cfg.data.domains]
-        students, failures = run_students(cfg, data, jobs, teachers, scores, parent)
+        students, failures = run_students(cfg, data, jobs, teachers, scores, parent, general)
         seconds["students"] = time.perf_counter() - start - sum(seconds.values())
-    results = assemble_results(cfg, data.domains, teachers, students, parent, failures, None)
+    latency = time_side_by_side(cfg, data, teachers, students)  # CPU timing: outside the GPU stages
+    results = assemble_results(cfg, data.domains, teachers, students, parent, failures, None, latency)
     parent.finish()
     print(format_table(results))
     finished = [r for per in students.values() for r in per.values() if "started_at" in r]
@@ -171,9 +176,11 @@ def main() -> None:
     common = [f"model.teacher={args.model}", "teacher.num_workers=1", "teacher.cpus_per_worker=1",
               "distill.cpus_per_task=1", *gpu]
     preset = "quickstart" if args.quick else "amazon"
-    # --quick: a smoke run of every code path (64 reviews a domain, one epoch a stage), not a measurement
+    # --quick: a smoke run of every code path (64 reviews a domain, one epoch a stage), not a measurement;
+    # general distillation as in the paper protocol, which quickstart skips
     quick = ["data.max_train_per_domain=64", "data.max_dev_per_domain=32", "data.max_test_per_domain=32",
-             "teacher.epochs=1", "teacher.eval_every=1000", "distill.stage1_epochs=1", "distill.stage2_epochs=1",
+             "teacher.epochs=1", "teacher.eval_every=1000", "model.student_init=general", "general.epochs=1",
+             "distill.unlabelled_per_domain=64", "distill.stage1_epochs=1", "distill.stage2_epochs=1",
              "distill.no_kd_epochs=1"] if args.quick else []
     bench_cfg = load_config(preset, [f"output_dir={WORK}/throughput", *common,
                                      f"teacher.batch_size={256 if cuda else 16}"])
