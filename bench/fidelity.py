@@ -3,7 +3,7 @@
     .venv/bin/python bench/fidelity.py --budget small     # 2 cores, under 20 min: 1 seed, the decisive rows
     .venv/bin/python bench/fidelity.py --budget table     # 2 cores: 1 seed of every row and setting
     .venv/bin/python bench/fidelity.py                    # --budget full (2 cores): 3 seeds, ~90 min
-    .venv/bin/python bench/fidelity.py --budget full-transfer   # amazon-3seeds with a transfer set, ~70 min
+    .venv/bin/python bench/fidelity.py --budget full-transfer   # amazon-3seeds with a transfer set, ~71 min
     .venv/bin/python bench/fidelity.py --budget narrow    # the narrow student with a transfer set, 3 seeds
     python bench/fidelity.py --budget paper --set teacher.use_gpu=true --set distill.gpus_per_task=0.5
                                                           # the `amazon` preset's protocol, on a GPU host
