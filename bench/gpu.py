@@ -95,37 +95,23 @@ def throughput(cfg, steps: int) -> dict:
 
 
 def pipeline(cfg, methods: list[str]) -> dict:
-    """(b) and (c): every stage of `metakd-ray run`, timed one by one."""
-    from metakd_ray.data.prepare import prepare
-    from metakd_ray.distill import StudentJob, run_students
-    from metakd_ray.general import ensure_general
-    from metakd_ray.pipeline import assemble_results, format_table, teachers_needed, time_side_by_side, train_teachers
-    from metakd_ray.prototypes import compute_prototype_scores
-    from metakd_ray.tracking import pipeline_run
+    """(b) and (c): `metakd-ray run` itself, which times its stages into results.json."""
+    from metakd_ray.errors import MetaKDError
+    from metakd_ray.pipeline import run_pipeline
 
-    seconds = {}
     start = time.perf_counter()
     with GpuMemory() as memory:
-        data = prepare(cfg, quiet=True)
-        seconds["prepare"] = time.perf_counter() - start
-        scores = compute_prototype_scores(cfg, data, quiet=True)
-        seconds["prototypes"] = time.perf_counter() - start - sum(seconds.values())
-        parent = pipeline_run(cfg)
-        teachers = train_teachers(cfg, data, scores, teachers_needed(cfg, methods), parent)
-        seconds["teachers"] = time.perf_counter() - start - sum(seconds.values())
-        general = ensure_general(cfg, data, parent) if cfg.model.student_init == "general" else None
-        if general:
-            seconds["general student"] = time.perf_counter() - start - sum(seconds.values())
-        jobs = [StudentJob(m, d) for m in methods for d in cfg.data.domains]
-        students, failures = run_students(cfg, data, jobs, teachers, scores, parent, general)
-        seconds["students"] = time.perf_counter() - start - sum(seconds.values())
-    latency = time_side_by_side(cfg, data, teachers, students)  # CPU timing: outside the GPU stages
-    results = assemble_results(cfg, data.domains, teachers, students, parent, failures, None, latency)
-    parent.finish()
-    print(format_table(results))
-    finished = [r for per in students.values() for r in per.values() if "started_at" in r]
-    return {"seconds": seconds, "total_seconds": time.perf_counter() - start,
-            "teachers": len(teachers), "students": len(finished), "failed": failures,
+        try:
+            results = run_pipeline(cfg, methods)
+        except MetaKDError as error:  # students that failed after retries: results.json holds the rest
+            if not (cfg.out / "results.json").is_file():
+                raise
+            print(f"[gpu] {error}")
+            results = json.loads((cfg.out / "results.json").read_text())
+    finished = [r for per in results["students"].values() for r in per.values() if "started_at" in r]
+    return {"seconds": results["stage_seconds"], "total_seconds": time.perf_counter() - start,
+            "teachers": len({c["run_id"] for per in results["teacher"].values() for c in per.values()}),
+            "students": len(finished), "failed": results["failed"],
             "max_students_at_once": max_concurrent([(r["started_at"], r["finished_at"]) for r in finished]),
             "peak_gpu_memory_mib": memory.peak_mib if memory.available else None,
             "test_accuracy": {row: float(np.mean([c["test_acc"] for c in per.values()]))
@@ -164,6 +150,8 @@ def main() -> None:
     parser.add_argument("--gpus-per-student", type=float, default=0.2)
     args = parser.parse_args()
 
+    from metakd_ray.terminal import quiet_environment
+    quiet_environment()  # the CLI's quiet terminal (no MLflow download bars) here too
     from metakd_ray.cluster import init_ray
     from metakd_ray.config import load_config
     from metakd_ray.methods import METHODS

@@ -11,6 +11,7 @@ students domain by domain.
 from __future__ import annotations
 
 import shutil
+import time
 
 import numpy as np
 
@@ -57,10 +58,26 @@ def train_teachers(cfg: Config, data, scores, needed, parent, fresh: bool = Fals
             for kind, domain in needed}
 
 
+class StageClock:
+    """Wall seconds of each stage in the order they ran; a stage whose output was cached takes ~0 s."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._last, 3)
+        self._last = now
+
+
 def run_pipeline(cfg: Config, methods: list[str], fresh: bool = False, teachers_only: bool = False,
                  require_teachers: bool = False) -> dict:
+    clock = StageClock()
     data = prepare(cfg)
+    clock.lap("prepare")
     scores = compute_prototype_scores(cfg, data)
+    clock.lap("prototypes")
     parent = pipeline_run(cfg)
     parent.log_artifact(prototype_dir(cfg, data) / "prototype_scores.png", "prototypes")
     needed = teachers_needed(cfg, methods)
@@ -74,14 +91,21 @@ def run_pipeline(cfg: Config, methods: list[str], fresh: bool = False, teachers_
         for stale in ("students", "teacher_outputs"):
             shutil.rmtree(cfg.out / stale, ignore_errors=True)
     teachers = train_teachers(cfg, data, scores, needed, parent, fresh)
+    clock.lap("teachers")
     if teachers_only:
         return {"teachers": teachers}
-    general = ensure_general(cfg, data, parent) if cfg.model.student_init == "general" else None
+    general = None
+    if cfg.model.student_init == "general":
+        general = ensure_general(cfg, data, parent)
+        clock.lap("general_student")
     jobs = [StudentJob(m, d) for m in methods for d in cfg.data.domains]
     students, failures = run_students(cfg, data, jobs, teachers, scores, parent, general)
+    clock.lap("students")
     latency = time_side_by_side(cfg, data, teachers, students)
+    clock.lap("latency")
     results = assemble_results(cfg, data.domains, teachers, students, parent, failures, store, latency)
-    parent.log_metrics(summary_metrics(results))
+    results["stage_seconds"] = clock.seconds
+    parent.log_metrics(summary_metrics(results) | {f"seconds/{k}": v for k, v in clock.seconds.items()})
     results["registered"] = register_best(cfg, students)
     atomic_write_json(cfg.out / "results.json", results)
     if store:
@@ -153,7 +177,8 @@ def assemble_results(cfg: Config, domains: list[str], teachers: dict, students: 
         reference = latency.get(method(name).teacher_row or "teacher meta", {})
         for domain, r in per.items():
             cell = {k: r[k] for k in ("dev_acc", "test_acc", "params", "latency_ms", "latency_b32_ms", "compression",
-                                      "speedup", "train_examples", "run_id", "model_id", "test_correct") if k in r}
+                                      "speedup", "train_examples", "run_id", "model_id", "test_correct", "started_at",
+                                      "finished_at") if k in r}
             cell.update(timed)
             if timed and reference:
                 cell["speedup"] = reference["latency_ms"] / timed["latency_ms"]

@@ -258,6 +258,7 @@ def test_students_run_on_a_node_that_shares_nothing_but_ray_and_storage(cluster,
         results = json.loads((cfg.out / "results.json").read_text())
         assert json.loads((stored / "results.json").read_text()) == results
         assert results["storage"] == str(stored)
+        assert list(results["stage_seconds"])[2:4] == ["teachers", "general_student"]
         for method in ("meta_kd", "no_kd"):
             for domain in ("books", "kitchen"):
                 assert (stored / "students" / method / domain / "_COMPLETE.json").is_file()

@@ -234,6 +234,12 @@ def test_run_pipeline_results_agree_with_mlflow(ray_local, tiny_config, capsys):
     assert parent_metrics["test_acc/meta-kd"] == pytest.approx(np.mean([r["test_acc"] for r in
                                                                          results["students"]["meta_kd"].values()]))
     assert parent_metrics["speedup/meta-kd"] == pytest.approx(results["students"]["meta_kd"]["books"]["speedup"])
+    # where the time went, stage by stage, in results.json and on the parent run
+    assert list(results["stage_seconds"]) == ["prepare", "prototypes", "teachers", "students", "latency"]
+    for stage, seconds in results["stage_seconds"].items():
+        assert seconds >= 0 and parent_metrics[f"seconds/{stage}"] == pytest.approx(seconds)
+    assert results["stage_seconds"]["teachers"] > 1 and results["stage_seconds"]["students"] > 1
+    assert all(c["started_at"] < c["finished_at"] for per in results["students"].values() for c in per.values())
     for domain in results["domains"]:  # the dev-best student of each domain, registered
         best = client.get_model_version_by_alias(f"metakd-{cfg.tracking.experiment}-{domain}", "best")
         assert best.run_id == max((per[domain] for per in results["students"].values()),
