@@ -68,8 +68,8 @@ COMMON = ["model.teacher=minilm", "model.student_layers=2", "model.student_init=
           "teacher.batch_size=16", "teacher.lr=1e-4", "teacher.eval_every=25", "distill.stage1_lr=1e-4",
           "distill.stage1_schedule=linear", "distill.stage2_lr=2e-4", "distill.temperature=0.2"]
 # Per-run sizes that fit 2 cores; the table and full budgets differ in seeds and rows, not sizes. A third
-# teacher epoch (checked on dev, seed 0 of small) left the teacher's mean dev accuracy at 81.0 and lowered
-# meta_kd's 79.3 -> 78.8.
+# teacher epoch (checked on dev, seed 0 of small with the 3-epoch stage 2) left the teacher's mean dev
+# accuracy at 81.0 and lowered meta_kd's 79.3 -> 78.8.
 CPU_SIZES = ["data.max_train_per_domain=200", "data.max_length=64", "teacher.epochs=2", "general.epochs=2",
              "distill.batch_size=8", "distill.eval_every=25", "distill.stage1_epochs=1", "distill.stage2_epochs=4",
              "distill.no_kd_epochs=5", "distill.min_steps=60"]
