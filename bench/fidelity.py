@@ -56,6 +56,8 @@ import os
 import time
 from pathlib import Path
 
+from metakd_ray.config import load_config
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +127,7 @@ SETTINGS = {
     # each domain in turn unseen by its meta-teacher on a GPU host; books alone on 2 cores
     **{f"amazon-unseen-{domain}": ("amazon", [f"data.held_out_domain={domain}"], "meta_kd,no_kd",
                                    {"table": 1, "paper": 3} if domain == "books" else {"paper": 3})
-       for domain in ("books", "dvd", "electronics", "kitchen")},
+       for domain in load_config("amazon").data.domains},
     "amazon-narrow": ("amazon", NARROW, "meta_kd,no_kd,tinybert_kd(meta)", {"table": 1, "narrow": 3, "paper": 3}),
     # the paper's second table: premise/hypothesis pairs (head truncation), 5 genres
     "mnli": ("mnli", ["data.truncation=head"], "meta_kd,no_kd,tinybert_kd(mix),tinybert_kd(meta)", {"table": 1}),
@@ -145,7 +147,6 @@ def main() -> None:
 
     import ray
 
-    from metakd_ray.config import load_config
     from metakd_ray.io import atomic_write_json, read_json
     from metakd_ray.pipeline import resolve_methods, run_pipeline
     from metakd_ray.report import build_report, load_results
