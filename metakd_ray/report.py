@@ -400,7 +400,7 @@ def reductions_vs_paper(settings: list[Setting]) -> list[str]:
             ("distill", "stage2_lr"), ("distill", "temperature"), ("distill", "batch_size"),
             ("distill", "stage1_schedule"), ("data", "truncation"), ("general", "epochs"),
             ("model", "teacher"), ("model", "student_layers"), ("model", "student_init"), ("model", "student_hidden"),
-            ("distill", "unlabelled_per_domain"), ("general", "unlabelled_per_domain")]
+            ("distill", "unlabelled_per_domain"), ("general", "unlabelled_per_domain"), ("distill", "attention_target")]
     out = []
     for s in settings:
         cfg = s.config

@@ -64,6 +64,20 @@ def test_one_report_holds_settings_over_different_domains(tmp_path):
     assert "timed when it finished training" in md  # results without the side-by-side timing say so
 
 
+def test_reductions_name_each_departure_from_the_paper_protocol():
+    from metakd_ray.report import reductions_vs_paper
+
+    run = fake_results("cpu", 0, {"meta_kd": [0.8, 0.9]})
+    run["config"] = {"data": {"target_fraction": 1.0, "max_length": 64, "max_train_per_domain": 200},
+                     "distill": {"attention_target": "probs", "temperature": 1.0}}
+    line, model_note = reductions_vs_paper([Setting("cpu", ["books", "kitchen"], [run])])
+    assert line == ("`cpu`: data.max_length = 64 (paper protocol: 128); data.max_train_per_domain = 200 "
+                    "(paper protocol: all); distill.attention_target = probs (paper protocol: scores)")
+    assert model_note.startswith("Model: the paper distils BERT-base")
+    assert reductions_vs_paper([Setting("paper", ["books"], [fake_results("paper", 0, {"meta_kd": [0.8]},
+                                                                           domains=("books",))])]) == []
+
+
 # --------------------------------------------------------------------------- real pipeline runs
 
 
