@@ -104,12 +104,14 @@ LONGER_STAGE2 = ["distill.stage2_epochs=3"]
 # The general student learns them too, so no_kd, which starts from it, changes as well. Over full-transfer's
 # 3 seeds: mean dev meta_kd 79.4, tinybert_kd(meta) 79.1, tinybert_kd(mix) 79.0.
 PROBS = ["distill.attention_target=probs"]
+# what small, full-transfer and narrow share: the CPU sizes with a transfer set
+WITH_TRANSFER = COMMON + CPU_SIZES + TRANSFER_SET + PAPER_TEMPERATURE + PROBS
 BUDGETS = {
-    "small": COMMON + CPU_SIZES + TRANSFER_SET + PAPER_TEMPERATURE + PROBS,
+    "small": WITH_TRANSFER,
     "table": COMMON + CPU_SIZES,
     "full": COMMON + CPU_SIZES,
-    "full-transfer": COMMON + CPU_SIZES + TRANSFER_SET + PAPER_TEMPERATURE + LONGER_STAGE2 + PROBS,
-    "narrow": COMMON + CPU_SIZES + TRANSFER_SET + PAPER_TEMPERATURE + PROBS,
+    "full-transfer": WITH_TRANSFER + LONGER_STAGE2,
+    "narrow": WITH_TRANSFER,
     "paper": [],  # the amazon preset as it is
 }
 # A narrow student starts as the teacher's layers compressed (general.narrow_init) and imitates the
