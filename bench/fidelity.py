@@ -103,6 +103,9 @@ LONGER_STAGE2 = ["distill.stage2_epochs=3"]
 # of the changes checked against that 79.3, the only one to gain more than one), tinybert_kd(meta) 78.9 -> 79.3.
 # The general student learns them too, so no_kd, which starts from it, changes as well. Over full-transfer's
 # 3 seeds: mean dev meta_kd 79.4, tinybert_kd(meta) 79.1, tinybert_kd(mix) 79.0.
+# Checked against the dev check's 79.6 with them, neither helped: λ on stage 2's soft labels too
+# (distill.lambda_in_stage2, two stages) 78.4; the general student distilled on 1,000 more reviews per domain
+# (general.unlabelled_per_domain, as narrow's is; 4,800 texts instead of 800) 78.9.
 PROBS = ["distill.attention_target=probs"]
 # what small, full-transfer and narrow share: the CPU sizes with a transfer set
 WITH_TRANSFER = COMMON + CPU_SIZES + TRANSFER_SET + PAPER_TEMPERATURE + PROBS
