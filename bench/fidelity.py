@@ -182,7 +182,7 @@ def main() -> None:
             "budget": args.budget, "overrides": BUDGETS[args.budget] + args.set, "settings_run": settings_run,
             "seconds_this_invocation": round(time.time() - started, 1), "seconds_per_run": seconds_per_run,
             "seconds_all_runs": round(sum(seconds_per_run.values()), 1),
-            "trained_by_an_earlier_invocation": reused, "mlflow": store,
+            "trained_by_an_earlier_invocation": reused, "mlflow": f"sqlite:///{shown(work / 'mlflow.db')}",
             "report": str(report_dir.relative_to(REPO)), "settings": headline or earlier.get("settings", {})})
 
     try:
@@ -210,7 +210,8 @@ def main() -> None:
     finally:
         ray.shutdown()
 
-    summary = build_report(load_results([str(work)]), report_dir)
+    results = [dict(r, source=shown(Path(r["source"]))) for r in load_results([str(work)])]
+    summary = build_report(results, report_dir)
     record({name: {"avg_test_acc": {row: cell["avg"] for row, cell in info["rows"].items()},
                    "meta_kd_margins": info["meta_kd_margins"]}
             for name, info in summary.items()})
@@ -229,6 +230,12 @@ def share_teachers(shared: Path, out: Path) -> None:
         link = out / name
         if not link.is_symlink():
             link.symlink_to(shared / name, target_is_directory=True)
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it, so the committed summary and report name the
+    run outputs (``sqlite:///`` URIs included) relative to whichever checkout ran them, not one machine's paths."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 if __name__ == "__main__":
