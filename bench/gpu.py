@@ -154,6 +154,7 @@ def main() -> None:
     quiet_environment()  # the CLI's quiet terminal (no MLflow download bars) here too
     from metakd_ray.cluster import init_ray
     from metakd_ray.config import load_config
+    from metakd_ray.io import atomic_write_json, atomic_write_text
     from metakd_ray.methods import METHODS
 
     cuda = torch.cuda.is_available()
@@ -180,9 +181,8 @@ def main() -> None:
               "throughput": throughput(bench_cfg, args.steps if cuda else min(args.steps, 20)),
               "pipeline": pipeline(run_cfg, list(METHODS))}
     name = "gpu-quick" if args.quick else "gpu"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(result))
+    atomic_write_json(RESULTS / f"{name}.json", result)
+    atomic_write_text(RESULTS / f"{name}.md", markdown(result))
     print(markdown(result))
     print(f"wrote {RESULTS / name}.json and .md")
 

@@ -16,7 +16,6 @@ Prints one table and writes bench/results/performance.json and performance.md. R
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import resource
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from metakd_ray.io import atomic_write_json, atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -209,9 +210,8 @@ def main() -> None:
               "machine": machine_info()}
     result["ratios"] = {name.strip(): value for name, value, _ in ratio_rows(result)}
     print("\n" + text_table(result))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "performance.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "performance.md").write_text(markdown(result))
+    atomic_write_json(RESULTS / "performance.json", result)
+    atomic_write_text(RESULTS / "performance.md", markdown(result))
     print(f"\nwrote {RESULTS / 'performance.json'} and performance.md ({result['seconds']:.0f}s)")
 
 

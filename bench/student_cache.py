@@ -12,12 +12,13 @@ the cache. It prints a table and writes bench/results/student_cache.json (target
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
+
+from metakd_ray.io import atomic_write_json
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).parent / "results"
@@ -72,8 +73,7 @@ def main() -> None:
     print(f"speed-up with cache: {speedup:.2f}x   (target >= 2x)")
     result = {"domain": args.domain, "threads": args.threads, "timings": timings, "speedup": speedup,
               "target_speedup": 2.0, "cpus": os.cpu_count()}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "student_cache.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(RESULTS / "student_cache.json", result)
     print(f"wrote {RESULTS / 'student_cache.json'}")
 
 

@@ -14,7 +14,6 @@ bench/results/sweep_efficiency.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -32,7 +31,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from metakd_ray.config import load_config
+    from metakd_ray.io import atomic_write_json
     from metakd_ray.tune import sweep
+
+    from fidelity import shown  # bench/ is on sys.path when a script in it runs
 
     overrides = ["output_dir=outputs/bench-sweep"]
     if args.quick:
@@ -47,7 +49,7 @@ def main() -> None:
         full = max(t["domains_done"] or 0 for t in out["trials"])
         best_full = max((t["mean_dev_acc"] for t in out["trials"] if (t["domains_done"] or 0) >= full), default=None)
         runs[label] = {"best_dev_acc": best_full, "trial_epochs": out["trial_epochs"],
-                       "seconds": round(time.time() - start, 1), "sweep_dir": out["dir"]}
+                       "seconds": round(time.time() - start, 1), "sweep_dir": shown(Path(out["dir"]).resolve())}
     base, asha = runs["no ASHA"], runs["ASHA"]
     gap = (base["best_dev_acc"] - asha["best_dev_acc"]) * 100
     share = asha["trial_epochs"] / base["trial_epochs"]
@@ -57,8 +59,7 @@ def main() -> None:
     print(f"ASHA: {gap:+.2f} points behind, {share:.0%} of the trial-epochs (target: <= 0.5 points, <= 50 %)")
     result = {"trials": args.trials, "concurrency": args.concurrency, "quick": args.quick, "runs": runs,
               "asha_gap_points": gap, "asha_trial_epoch_share": share}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sweep_efficiency.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(RESULTS / "sweep_efficiency.json", result)
     print(f"wrote {RESULTS / 'sweep_efficiency.json'}")
 
 

@@ -12,7 +12,6 @@ bench/results/teacher_throughput.json. The target is ratio >= 0.95; this script 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from metakd_ray.io import atomic_write_json
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).parent / "results"
@@ -132,8 +133,7 @@ def main() -> None:
     print(f"{'Ray Train (1 worker)':<34}{on_ray:>12.2f}")
     print(f"{'ratio Ray Train / plain':<34}{on_ray / plain:>12.3f}   (target >= 0.95)")
     print(f"{'ratio Ray Train / plain beside Ray':<34}{on_ray / plain_beside_ray:>12.3f}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "teacher_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(RESULTS / "teacher_throughput.json", result)
     print(f"wrote {RESULTS / 'teacher_throughput.json'}")
 
 
