@@ -107,7 +107,9 @@ LONGER_STAGE2 = ["distill.stage2_epochs=3"]
 # Checked against the dev check's 79.6 with them, neither helped: λ on stage 2's soft labels too
 # (distill.lambda_in_stage2, two stages) 78.4; the general student distilled on 1,000 more reviews per domain
 # (general.unlabelled_per_domain, as narrow's is; 4,800 texts instead of 800) 78.9. A 3-layer student (17.4 M
-# parameters against 15.5 M) gave 79.6 as well: depth is not what holds it under its teacher's 81.0 here.
+# parameters against 15.5 M) gave 79.6 as well: depth is not what holds it under its teacher's 81.0 here. Nor
+# is where it starts or how soft its targets are: tau = 2 gave 79.1; model.student_init=pretrained (the teacher's
+# first 2 pretrained layers, no general distillation) 79.1; model.student_init=teacher (the meta-teacher's) 79.6.
 PROBS = ["distill.attention_target=probs"]
 # what small, full-transfer and narrow share: the CPU sizes with a transfer set
 WITH_TRANSFER = COMMON + CPU_SIZES + TRANSFER_SET + PAPER_TEMPERATURE + PROBS
