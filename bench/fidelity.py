@@ -167,7 +167,7 @@ def main() -> None:
 
     quiet_environment()  # the CLI's quiet terminal (no MLflow download bars) here too
     work = Path(args.out or REPO / "bench" / "out" / f"fidelity-{args.budget}").resolve()
-    store = f"sqlite:///{work / 'mlflow.db'}"
+    mlflow_db = work / "mlflow.db"
     started = time.time()
     # seconds below exclude training that an earlier invocation already did (teachers, general students)
     reused = sorted(str(p.parent.relative_to(work)) for p in work.glob("shared-*/*/*/result.json"))
@@ -185,8 +185,8 @@ def main() -> None:
             "budget": args.budget, "overrides": BUDGETS[args.budget] + args.set, "settings_run": settings_run,
             "seconds_this_invocation": round(time.time() - started, 1), "seconds_per_run": seconds_per_run,
             "seconds_all_runs": round(sum(seconds_per_run.values()), 1),
-            "trained_by_an_earlier_invocation": reused, "mlflow": f"sqlite:///{shown(work / 'mlflow.db')}",
-            "report": str(report_dir.relative_to(REPO)), "settings": headline or earlier.get("settings", {})})
+            "trained_by_an_earlier_invocation": reused, "mlflow": f"sqlite:///{shown(mlflow_db)}",
+            "report": shown(report_dir), "settings": headline or earlier.get("settings", {})})
 
     try:
         for name in wanted:
@@ -196,7 +196,7 @@ def main() -> None:
                 out = work / f"{name}-seed{seed}"
                 cfg = load_config(preset, BUDGETS[args.budget] + overrides + args.set + [
                     f"name={name}", f"output_dir={out}", f"distill.seed={seed}",
-                    f"tracking.tracking_uri={store}", "tracking.experiment=fidelity"])
+                    f"tracking.tracking_uri=sqlite:///{mlflow_db}", "tracking.experiment=fidelity"])
                 rows = resolve_methods(methods, cfg)
                 done = read_json(out / "results.json")
                 if (done and done.get("config_hash") == cfg.hash() and not done.get("failed")
