@@ -63,53 +63,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 
-# "The dev check" below: seed 0 of small with the 3-epoch stage 2, read as meta_kd's mean dev accuracy over
-# the 4 domains: 79.3 as budgeted (teacher 81.0); one dev review is 0.14 points of it.
-# On 2 cores: a 1e-4 teacher rate for few epochs; tau 0.2 sharpens the soft labels of a briefly trained
-# teacher; full dev sets (max_dev_per_domain=0) for selection. Stage 2's rate in the dev check: 1e-4 gave
-# 78.2, 4e-4 79.5 (one dev review more, within noise); 2e-4 stays. The form of distillation in the dev
-# check: the paper's single objective (distill.schedule=joint, every term in each of 450 steps) gave meta_kd
-# 78.8 and tinybert_kd(meta) 78.8 (meta_kd 78.5 with lambda on its soft labels too); raw MSEs in stage 1
-# (distill.term_scale=none) 78.8. Post-softmax attention targets: PROBS below.
+# Chosen for 2 cores, each on the dev sets (docs/fidelity.md has what was tried and what it gave):
+# a short, faster-learning teacher, tau 0.2 for its unconfident soft labels, the full dev sets for selection.
 COMMON = ["model.teacher=minilm", "model.student_layers=2", "model.student_init=general",
           "data.truncation=head_tail", "data.max_dev_per_domain=0", "teacher.num_workers=2",
           "teacher.batch_size=16", "teacher.lr=1e-4", "teacher.eval_every=25", "distill.stage1_lr=1e-4",
           "distill.stage1_schedule=linear", "distill.stage2_lr=2e-4", "distill.temperature=0.2"]
-# Per-run sizes that fit 2 cores; the table and full budgets differ in seeds and rows, not sizes. In the dev
-# check a third teacher epoch left the teacher at 81.0 and lowered meta_kd to 78.8. More data made the
-# teacher stronger but not its student: 128 tokens instead of 64 gave teacher 82.0, meta_kd 79.1 (dev gap
-# 1.7 -> 3.0; 25 min instead of 14); 400 labelled reviews per domain instead of 200 gave teacher 81.9,
-# meta_kd 78.6 (dev gap 3.3).
+# Per-run sizes that fit 2 cores; the table and full budgets differ in seeds and rows, not sizes.
 CPU_SIZES = ["data.max_train_per_domain=200", "data.max_length=64", "teacher.epochs=2", "general.epochs=2",
              "distill.batch_size=8", "distill.eval_every=25", "distill.stage1_epochs=1", "distill.stage2_epochs=4",
              "distill.no_kd_epochs=5", "distill.min_steps=60"]
-# 1,200 texts per domain: stage 1 a quarter epoch (60 steps, the budget's floor), stage 2 1.5 epochs
-# (225 steps); the full budget's distilling students take 60 + 100. In the dev check a whole epoch of
-# stage 1 (150 steps) lowered meta_kd to 78.8. The set's size, in the dev check with PROBS (79.6 at 1,000): 500 per
-# domain 77.9; every other review of the training partition (about 1,390 per domain) 79.5, so 1,000 is past the gain.
+# 1,200 texts per domain: stage 1 a quarter epoch (the budget's floor of 60 steps), stage 2 1.5 epochs.
 TRANSFER_SET = ["distill.unlabelled_per_domain=1000", "distill.stage1_epochs=0.25", "distill.stage2_epochs=1.5"]
-# The 2-epoch teachers are confident (median logit margin ~4): at tau = 0.2, 90 % of their soft labels
-# exceed 0.99. Chosen on dev, seed 0 of full-transfer: tau = 1 (the paper's) lifted every distilling
-# student's mean dev accuracy by 1.7-2.3 points (meta_kd 76.9 -> 78.8); seed 0 of narrow: meta_kd
-# 77.2 -> 77.5, tinybert_kd(meta) 76.8 -> 77.6. In the dev check, adding the gold labels' cross-entropy
-# (distill.hard_label_weight=1) lowered meta_kd to 76.8; soft labels alone stay.
+# The 2-epoch teachers are confident, so the paper's tau = 1 suits them.
 PAPER_TEMPERATURE = ["distill.temperature=1.0"]
-# Dev accuracy was still rising at the end of stage 2. Chosen on dev, seed 0 of small: 3 epochs (510
-# steps) instead of 1.5 lifted meta_kd's mean dev accuracy 78.8 -> 79.3 and tinybert_kd(meta)'s
-# 78.5 -> 78.9; 5 epochs (810 steps) gave meta_kd 79.2, no further gain. Small keeps 1.5 epochs to stay
-# under 20 minutes.
+# Dev accuracy still rose at the end of a 1.5-epoch stage 2 (small keeps 1.5 to stay under 20 minutes).
 LONGER_STAGE2 = ["distill.stage2_epochs=3"]
-# Post-softmax attention maps as stage 1's and general distillation's targets (the authors' EasyNLP code;
-# TinyBERT matches pre-softmax scores). Chosen on dev, the dev check: meta_kd 79.3 -> 79.6 (two dev reviews;
-# of the changes checked against that 79.3, the only one to gain more than one), tinybert_kd(meta) 78.9 -> 79.3.
-# The general student learns them too, so no_kd, which starts from it, changes as well. Over full-transfer's
-# 3 seeds: mean dev meta_kd 79.4, tinybert_kd(meta) 79.1, tinybert_kd(mix) 79.0.
-# Checked against the dev check's 79.6 with them, neither helped: λ on stage 2's soft labels too
-# (distill.lambda_in_stage2, two stages) 78.4; the general student distilled on 1,000 more reviews per domain
-# (general.unlabelled_per_domain, as narrow's is; 4,800 texts instead of 800) 78.9. A 3-layer student (17.4 M
-# parameters against 15.5 M) gave 79.6 as well: depth is not what holds it under its teacher's 81.0 here. Nor
-# is where it starts or how soft its targets are: tau = 2 gave 79.1; model.student_init=pretrained (the teacher's
-# first 2 pretrained layers, no general distillation) 79.1; model.student_init=teacher (the meta-teacher's) 79.6.
+# Post-softmax attention maps as stage 1's and general distillation's targets (the authors' EasyNLP code).
 PROBS = ["distill.attention_target=probs"]
 # what small, full-transfer and narrow share: the CPU sizes with a transfer set
 WITH_TRANSFER = COMMON + CPU_SIZES + TRANSFER_SET + PAPER_TEMPERATURE + PROBS

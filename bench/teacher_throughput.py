@@ -42,14 +42,14 @@ def plain_loop(settings: dict, train, weights: np.ndarray, steps: int, device: t
     model.to(device).train()
     optimizer, scheduler = make_optimizer(model, settings["lr"], settings["weight_decay"], steps,
                                           settings["warmup_fraction"])
-    tensors, w = train.tensors(), torch.tensor(weights)
+    w = torch.tensor(weights)
     bs = settings["batch_size"]
     per_epoch = len(train) // bs
     start, samples = time.perf_counter(), 0
     for step in range(steps):
         epoch, pos = divmod(step, per_epoch)
         index = epoch_order(len(train), settings["seed"], epoch)[pos * bs:(pos + 1) * bs]
-        train_step(model, optimizer, scheduler, batch_at(tensors, index, device), w[index].to(device), settings,
+        train_step(model, optimizer, scheduler, batch_at(train, index, device), w[index].to(device), settings,
                    step, 0)
         samples += len(index)
     if device.type == "cuda":
@@ -62,18 +62,17 @@ def ray_loop(cfg, settings: dict, train, dev, weights: np.ndarray, storage: Path
 
     from metakd_ray.teacher import make_trainer
 
-    config = dict(settings, train=ray.put(train), dev=ray.put(dev), weights=ray.put(weights), run=None)
+    config = dict(settings, train=ray.put(train), weights=ray.put(weights), dev=ray.put(dev), run=None)
     return make_trainer(cfg, config, f"bench-{int(time.time())}", str(storage)).fit().metrics["train/samples_per_s"]
 
 
-def plain_loop_inputs(cfg, data, scores: dict, steps: int) -> tuple[dict, object, np.ndarray]:
+def plain_loop_inputs(cfg, data, scores: np.ndarray, steps: int) -> tuple[dict, object, np.ndarray]:
     """(loop settings, training split, t weights) for exactly ``steps`` meta-teacher batches: one pass,
     no evaluation, threads and batch size from ``cfg.teacher``."""
     from metakd_ray.teacher import loop_settings
 
-    train = data.splits["train"]
-    train = train.take(np.arange(steps * cfg.teacher.batch_size) % len(train))
-    weights = np.array([scores[u] for u in train.uids], dtype=np.float32)
+    rows = np.arange(steps * cfg.teacher.batch_size) % len(data.splits["train"])
+    train, weights = data.splits["train"].take(rows), scores[rows].astype(np.float32)
     return dict(loop_settings(cfg, data, "meta"), epochs=1.0, eval_every=10**9), train, weights
 
 

@@ -11,7 +11,9 @@
     metakd-ray doctor   CONFIG [--address ...]     PASS/FAIL checks of cluster, storage, MLflow, model, data
     metakd-ray report   OUTPUT_DIR ... | --experiment NAME   accuracy tables over seeds, plots, vs the paper
     metakd-ray predict  MODEL_DIR [--file F | TEXT ...]      classify texts with a saved student or teacher
-    metakd-ray export   MODEL_DIR --onnx [--int8]            ONNX (+ int8) files, checked, with a speed table
+    metakd-ray export   MODEL_DIR [--int8]                   ONNX (+ int8) files, checked, with a speed table
+    metakd-ray data fetch amazon|mnli [--to DIR]             download a public data set where the presets look
+    metakd-ray clean    OUTPUT_DIR [--dry-run] [--models]    list and delete a run's derived caches
 
 CONFIG is a preset (``metakd-ray presets``) or a YAML path. Overrides (``key=value``) may come
 before or after the options. Bad input exits with code 2 and one ``error:`` line naming the key or
@@ -37,8 +39,12 @@ def _epilog() -> str:
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    from metakd_ray import __version__
+
     parser = argparse.ArgumentParser(prog="metakd-ray", description="Meta-KD cross-domain distillation on Ray.",
                                      epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"metakd-ray {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's and MLflow's own log lines")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: dict[str, argparse.ArgumentParser] = {}
 
@@ -96,21 +102,38 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p = add("export", "Export a saved model to ONNX (and dynamic int8), check it against PyTorch and print a "
                       "size/latency table against its teacher.", config=False)
     p.add_argument("model", metavar="MODEL_DIR", help="e.g. outputs/quickstart/students/meta_kd/books/model")
-    p.add_argument("--onnx", action="store_true", required=True, help="write MODEL_DIR/onnx/model.onnx")
+    p.add_argument("--onnx", action="store_true", help="ONNX, the only format (the default; kept for scripts)")
     p.add_argument("--int8", action="store_true", help="also write the dynamically quantised model-int8.onnx")
     p.add_argument("--file", help="examples to check agreement on (default: the model's test split)")
     p.add_argument("--teacher", help="model directory to compare against (default: the student's teacher)")
     p.add_argument("--min-agreement", type=float, default=0.97,
                    help="least share of int8 labels that must match PyTorch (default 0.97)")
+    p = add("data", "Download a public data set (checked) to where the presets look for it.", config=False)
+    p.add_argument("action", choices=["fetch"], help="fetch: download and check")
+    p.add_argument("dataset", choices=["amazon", "mnli"],
+                   help="amazon: the Blitzer et al. 2007 reviews (sorted_data_acl); mnli: MultiNLI from the Hugging Face hub")
+    p.add_argument("--to", metavar="DIR", help="data root to write into (default: $METAKD_DATA_ROOT, else ./data)")
+    p.add_argument("--url", help="another source: a mirror's URL or a local file of the archive (amazon), or a "
+                                 "hub id or local dataset directory (mnli)")
+    p = add("clean", "List a run's derived caches (token cache, teacher outputs, checkpoints, general student) "
+                     "with their sizes and delete them; results, teachers and students are kept.", config=False)
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run's output directory, e.g. outputs/quickstart")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    p.add_argument("--models", action="store_true", help="also delete the teachers' and students' model directories")
     return parser, commands
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    """Options and ``key=value`` overrides in any order (argparse's intermixed parsing, per command)."""
+    """Options and ``key=value`` overrides in any order (argparse's intermixed parsing, per command);
+    ``-v`` may also come before the command."""
     parser, commands = _parser()
+    verbose = False
+    while argv and argv[0] in ("-v", "--verbose"):
+        verbose, argv = True, argv[1:]
     if argv and argv[0] in commands:
         args = commands[argv[0]].parse_intermixed_args(argv[1:])
         args.command = argv[0]
+        args.verbose = args.verbose or verbose
         return args
     if argv and not argv[0].startswith("-"):
         parser.error(f"unknown command {argv[0]!r}{did_you_mean(argv[0], commands)} "
@@ -142,14 +165,23 @@ def _dispatch(args) -> int:
         return _presets(args)
     if args.command in ("predict", "export"):
         return _deploy(args)
+    if args.command == "data":
+        from metakd_ray.fetch import fetch
+
+        fetch(args.dataset, args.to, args.url)
+        return 0
+    if args.command == "clean":
+        return _clean(args)
     cfg = load_config(args.config, args.overrides)
     if args.command == "validate":
         print(dump_yaml(cfg), end="")
         return 0
     if args.command == "prepare":
         from metakd_ray.data.prepare import prepare
+        from metakd_ray.distill import planned_signals
 
-        prepare(cfg)
+        data = prepare(cfg)
+        print(planned_signals(cfg, data, cfg.distill.methods).line)
         print(f"splits: {cfg.out / 'splits.json'}")
         return 0
 
@@ -210,6 +242,30 @@ def _deploy(args) -> int:
         return 0
     export(Path(args.model), args.int8, Path(args.file) if args.file else None,
            Path(args.teacher) if args.teacher else None, args.min_agreement)
+    return 0
+
+
+def _clean(args) -> int:
+    from pathlib import Path
+
+    from metakd_ray.io import text_table
+    from metakd_ray.outputs import derived_outputs, remove_outputs
+
+    out = Path(args.output_dir)
+    if not (out / "results.json").is_file() and not (out / "splits.json").is_file():
+        raise MetaKDError(f"clean: {out} is not a metakd-ray output directory (no results.json or splits.json)")
+    found = derived_outputs(out, args.models)
+    if not found:
+        print(f"{out}: nothing to clean")
+        return 0
+    print(text_table(["path", "MB", "what it is"], [[str(p.relative_to(out)), f"{size / 1e6:.1f}", what]
+                                                     for p, size, what in found], [34, 10, 60]))
+    total = sum(size for _, size, _ in found) / 1e6
+    if args.dry_run:
+        print(f"would free {total:.1f} MB (run without --dry-run to delete)")
+        return 0
+    remove_outputs([p for p, _, _ in found])
+    print(f"freed {total:.1f} MB; a later run rebuilds what it needs")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -59,6 +60,18 @@ def storage_path(cfg: Config) -> str:
     return str(path)
 
 
+def remove_run(storage: str, run_name: str) -> None:
+    """Delete a Ray Train run's directory (its checkpoints) from local or remote storage."""
+    if not is_remote(storage):
+        shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
+        return
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(f"{storage.rstrip('/')}/{run_name}")
+    if fs.get_file_info(root).type == pafs.FileType.Directory:
+        fs.delete_dir(root)
+
+
 def latest_checkpoint(storage: str, run_name: str) -> Path | None:
     """The furthest complete checkpoint a killed earlier run left in local storage, if any.
 
@@ -86,6 +99,54 @@ def _readable_checkpoint(directory: Path) -> bool:
     if not whole:
         print(f"[teacher] checkpoint {directory} is incomplete or damaged; passing it over", flush=True)
     return whole
+
+
+# --------------------------------------------------------------------------- memory
+
+PROCESS_BYTES = 1.0e9  # a Ray worker with torch, transformers and the tokenizer loaded
+
+
+def memory_reservation(cfg: Config, kind: str) -> int:
+    """Bytes Ray reserves for one ``kind`` ("teacher" worker, "student" task, "general" task), so that
+    it never packs more of them on a node than its RAM holds: the configured GB, else an estimate
+    from the teacher's size (P fp32 bytes of weights) and one batch's activations (A bytes):
+
+        teacher worker   1 GB + 5P + A_teacher      (weights, gradients, two Adam moments, a checkpoint)
+        student / general task   1 GB + 6P + A_student   (the teacher or its query/key layers, the student
+                                                    with gradients, Adam and its kept best states)
+
+    A = batch · max_length · layers · (68·H + 10·heads·max_length) bytes, the activations a
+    training step keeps for its backward pass (fp32)."""
+    configured = {"teacher": cfg.teacher.memory_per_worker_gb, "student": cfg.distill.memory_per_task_gb,
+                  "general": cfg.general.memory_gb}[kind]
+    if configured:
+        return int(configured * 1e9)
+    arch = cfg.teacher_arch
+    weights = _weight_bytes(cfg.model.teacher, arch)
+    length = cfg.data.max_length
+    if kind == "teacher":
+        batch, layers, width, factor = cfg.teacher.batch_size // cfg.teacher.num_workers, arch.layers, arch.width, 5
+    else:
+        batch = cfg.distill.batch_size if kind == "student" else cfg.general.batch_size
+        layers, width, factor = cfg.model.student_layers, cfg.student_width, 6
+    activations = batch * length * layers * (68 * width + 10 * arch.heads * length)
+    return int(PROCESS_BYTES + factor * weights + activations)
+
+
+def _weight_bytes(name: str, arch) -> int:
+    """fp32 bytes of a checkpoint's weights: its weight files' size, or from its shape (BERT's vocabulary)."""
+    from metakd_ray.config import model_path
+
+    path = Path(model_path(name)).expanduser()
+    files = [f for f in path.glob("*") if f.suffix in (".safetensors", ".bin")] if path.is_dir() else []
+    if files:
+        return sum(f.stat().st_size for f in files) * (2 if _half_precision(path) else 1)
+    return 4 * (30522 * arch.width + arch.layers * 12 * arch.width ** 2)
+
+
+def _half_precision(path: Path) -> bool:
+    config = read_json(path / "config.json") or {}
+    return str(config.get("torch_dtype") or config.get("dtype") or "") in ("float16", "bfloat16")
 
 
 # --------------------------------------------------------------------------- devices and precision

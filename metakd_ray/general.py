@@ -34,17 +34,20 @@ so every method, student seed, domain and sweep trial shares it. It is one Ray t
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from metakd_ray import losses
-from metakd_ray.cluster import init_ray, prepare_device, task_device
+from metakd_ray.cluster import init_ray, memory_reservation, prepare_device, task_device
 from metakd_ray.config import Config, model_path
-from metakd_ray.data.prepare import PreparedData, Split, general_corpus
+from metakd_ray.data.prepare import PreparedData, general_corpus
+from metakd_ray.data.split import Split
 from metakd_ray.errors import MetaKDError
 from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json
 from metakd_ray.models import FIT_FILE, SAVE_FORMAT, count_parameters, load_encoder, quiet_transformers, wrap_encoder
@@ -235,10 +238,9 @@ def general_distill(cfg: Config, data: PreparedData, device: torch.device | None
     student = wrap_encoder(student_encoder(cfg), data.labels, data.domains, projection_dim=cfg.teacher_arch.width,
                            dropout=cfg.model.dropout)
     texts = general_corpus(cfg, data) if texts is None else texts  # the labels are never read
-    corpus = texts.tensors()
     if student.encoder.config.hidden_size != teacher.encoder.config.hidden_size:
         if gcfg.narrow_init == "teacher_layers" and can_compress(student.encoder.config, teacher.encoder.config):
-            sample = batch_at(corpus, torch.linspace(0, len(texts) - 1, min(len(texts), SAMPLE)).long(), device)
+            sample = batch_at(texts, torch.linspace(0, len(texts) - 1, min(len(texts), SAMPLE)).long().numpy(), device)
             start_from_teacher_layers(student, teacher, sample, cfg.layer_map)
             say(f"[general] the student starts as the teacher's layers {cfg.layer_map} compressed to "
                 f"{cfg.student_width} dimensions (general.narrow_init: teacher_layers)")
@@ -276,7 +278,7 @@ def general_distill(cfg: Config, data: PreparedData, device: torch.device | None
             say(f"[general] step {step}/{total} · {elapsed:.0f}s elapsed, about "
                 f"{elapsed / step * (total - step):.0f}s left")
 
-    stage = TrainingStage(student, corpus, gcfg, gcfg.seed, cfg.precision, run, device, progress)
+    stage = TrainingStage(student, texts, gcfg, gcfg.seed, cfg.precision, run, device, progress)
     steps = stage(gcfg.epochs, gcfg.lr, 0, "general", loss_fn, internals=True)
     dev_loss = _held_out_loss(student, data, terms, device)
     if run:
@@ -291,11 +293,11 @@ def general_distill(cfg: Config, data: PreparedData, device: torch.device | None
 def _held_out_loss(student, data: PreparedData, terms, device) -> float:
     """L_gen on the dev splits' text (never trained on): how well the imitation generalises."""
     student.eval()
-    dev = data.splits["dev"].tensors()
-    n, size = len(dev["labels"]), eval_batch_size(device)
+    dev = data.splits["dev"]
+    n, size = len(dev), eval_batch_size(device)
     total = 0.0
     for start in range(0, n, size):
-        b = batch_at(dev, range(start, min(start + size, n)), device)
+        b = batch_at(dev, np.arange(start, min(start + size, n)), device)
         hidden, attention = terms(b, forward(student, b, internals=True))
         total += float((hidden + attention).sum())
     return total / max(1, n)
@@ -348,10 +350,13 @@ def ensure_general(cfg: Config, data: PreparedData, parent: RunRef | None) -> di
           f"{f' and {extra} more from the training partitions' if extra else ''} (labels unused), "
           f"{gcfg.epochs:g} epoch(s)", flush=True)
     task = ray.remote(_general_task).options(num_cpus=gcfg.num_cpus, num_gpus=gcfg.num_gpus,
+                                             memory=memory_reservation(cfg, "general"),
                                              max_retries=cfg.distill.max_retries, retry_exceptions=True)
+    # the task reads the corpus and the dev text (its held-out loss), not the test split
+    shipped = dataclasses.replace(data, splits={"dev": data.splits["dev"]}, transfer={})
     try:
         with relayed_console() as console:
-            out = ray.get(task.remote(cfg, data, texts, run, console))
+            out = ray.get(task.remote(cfg, shipped, texts, run, console))
     except Exception:
         run.finish("FAILED")
         raise

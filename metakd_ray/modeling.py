@@ -100,16 +100,16 @@ class MetaKDForSequenceClassification(PreTrainedModel):
         return self.encoder.config.num_hidden_layers
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, domain_ids=None, labels=None,
-                internals: bool = False, grl_scale: float = 0.0, **kwargs) -> MetaKDOutput:
+                internals: bool = False, grl_scale: float = 0.0, scores: bool = True, **kwargs) -> MetaKDOutput:
+        """``internals``: also every hidden state and, unless ``scores`` is False, every layer's
+        pre-softmax attention scores."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        scores: list = []
+        captured: list = []
         handles = []
-        if internals:
-            attention = [m for m in self.encoder.modules() if _is_self_attention(m)]
-            if not attention:
-                raise ValueError("attention distillation needs a BERT-style encoder (self-attention with query/key)")
-            handles = [m.register_forward_hook(_capture_scores(scores), with_kwargs=True) for m in attention]
+        if internals and scores:
+            handles = [m.register_forward_hook(_capture_scores(captured), with_kwargs=True)
+                       for m in self.self_attention()]
         try:
             out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                output_hidden_states=internals)
@@ -139,7 +139,14 @@ class MetaKDForSequenceClassification(PreTrainedModel):
             pre = self.domain_corrupt(branch_in)
             domain_logits = self.domain_classifier(self.dropout(torch.tanh(pre)))
         return MetaKDOutput(loss, logits, domain_logits, pre,
-                            out.hidden_states if internals else None, scores if internals else None)
+                            out.hidden_states if internals else None, captured if internals and scores else None)
+
+    def self_attention(self) -> list[nn.Module]:
+        """The encoder's self-attention modules, layer 1 first."""
+        found = [m for m in self.encoder.modules() if _is_self_attention(m)]
+        if not found:
+            raise ValueError("attention distillation needs a BERT-style encoder (self-attention with query/key)")
+        return found
 
 
 def encoder_config(config: MetaKDConfig):
@@ -179,17 +186,24 @@ def _is_self_attention(module) -> bool:
     return all(hasattr(module, a) for a in ("query", "key", "num_attention_heads", "attention_head_size"))
 
 
+def attention_scores(module, hidden: torch.Tensor) -> torch.Tensor:
+    """The pre-softmax scores of a BERT self-attention ``module`` on its input ``hidden`` [B, L, d]:
+
+        A = (h W_Q + b_Q)(h W_K + b_K)ᵀ / √d_head,   [B, heads, L, L]
+    """
+    b, length, _ = hidden.shape
+    shape = (b, length, module.num_attention_heads, module.attention_head_size)
+    q = module.query(hidden).view(shape).transpose(1, 2)
+    k = module.key(hidden).view(shape).transpose(1, 2)
+    return q @ k.transpose(-1, -2) / math.sqrt(module.attention_head_size)
+
+
 def _capture_scores(sink: list):
     """Forward hook recomputing Q·Kᵀ/√d of a self-attention layer (the pre-softmax scores that
     fused SDPA kernels never materialise), so attention distillation works with any backend."""
 
     def hook(module, args, kwargs, output):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        b, length, _ = hidden.shape
-        shape = (b, length, module.num_attention_heads, module.attention_head_size)
-        q = module.query(hidden).view(shape).transpose(1, 2)
-        k = module.key(hidden).view(shape).transpose(1, 2)
-        sink.append(q @ k.transpose(-1, -2) / math.sqrt(module.attention_head_size))
+        sink.append(attention_scores(module, kwargs.get("hidden_states", args[0] if args else None)))
 
     return hook
 

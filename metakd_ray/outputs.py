@@ -2,7 +2,7 @@
 
     <output_dir>/general/<key>/{encoder/, fit.safetensors, result.json}   general-distilled student
     <output_dir>/teachers/<name>/{model/, result.json}            name: meta, mix, single-<domain>
-    <output_dir>/teacher_outputs/<name>/<domain>-<key>.safetensors
+    <output_dir>/teacher_outputs/<name>/<domain>-<key>/{soft.npy, hidden.npy, offsets.npy, meta.json}
     <output_dir>/students/<method>/<domain>/{model/, result.json}
     <output_dir>/results.json
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -26,6 +27,7 @@ from metakd_ray.config import Config
 from metakd_ray.io import atomic_dir, atomic_file, content_key, read_json
 
 COMPLETE = "_COMPLETE.json"
+SIGNALS_FORMAT = "signals-1"  # part of a teacher pass's key: a pass in an older layout is made again
 
 
 def teacher_dir(cfg: Config, name: str) -> Path:
@@ -62,15 +64,39 @@ def student_dir(cfg: Config, method: str, domain: str) -> Path:
     return cfg.out / "students" / method / domain
 
 
-def teacher_outputs_path(cfg: Config, teacher_key: str, teacher_name: str, domain: str,
-                         internals: bool | None = None) -> Path:
-    """The cached teacher pass over one domain's student data (see ``distill.compute_teacher_outputs``);
-    ``internals`` (default ``distill.cache_teacher_targets``): with hidden/attention targets."""
-    internals = cfg.distill.cache_teacher_targets if internals is None else internals
-    unlabelled = cfg.distill.unlabelled_per_domain
-    key = content_key(teacher_key, domain, cfg.data.target_fraction, cfg.layer_map, internals,
-                      *([unlabelled] if unlabelled else []))  # unchanged keys for passes made without it
-    return cfg.out / "teacher_outputs" / teacher_name / f"{domain}-{key}.safetensors"
+def teacher_outputs_path(cfg: Config, data, teacher_key: str, teacher_name: str, domain: str,
+                         internals: bool) -> Path:
+    """The directory of one teacher pass over one domain's student rows (``metakd_ray.signals``);
+    ``internals``: with its hidden states."""
+    key = content_key(teacher_key, domain, cfg.data.target_fraction, cfg.layer_map, internals, data.transfer_key,
+                      SIGNALS_FORMAT)
+    return cfg.out / "teacher_outputs" / teacher_name / f"{domain}-{key}"
+
+
+DERIVED = (("cache", "token cache, transfer set and prototype scores"),
+           ("teacher_outputs", "the teachers' passes: soft labels (and hidden states with teacher_signals cache)"),
+           ("ray", "Ray Train checkpoints: only an unfinished teacher resumes from them"),
+           ("general", "general-distilled students (trained again when missing)"))
+MODELS = (("teachers", "the trained teachers (MLflow keeps its copy in mlartifacts/)"),
+          ("students", "the trained students (MLflow keeps its copy in mlartifacts/)"))
+
+
+def derived_outputs(out: Path, models: bool = False) -> list[tuple[Path, int, str]]:
+    """What ``metakd-ray clean`` may delete in the output directory ``out``: (path, bytes that
+    deleting it frees, what it is). Derived caches, which a later run rebuilds, and with ``models``
+    the teachers and students; never results.json, the MLflow store or sweeps."""
+    found = []
+    for name, what in DERIVED + (MODELS if models else ()):
+        path = Path(out) / name
+        if path.exists():
+            files = [f.lstat() for f in path.rglob("*") if f.is_file()]
+            found.append((path, sum(st.st_blocks * 512 for st in files if st.st_nlink == 1), what))
+    return found
+
+
+def remove_outputs(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def node_cache(*parts: str) -> Path:

@@ -2,9 +2,10 @@
 
 A frozen pass of the pretrained backbone (on the GPU when this process has one) embeds the training
 texts, mean-pooled over real tokens, then the pure functions of ``scores`` turn embeddings into t.
-The result is a parquet file ``uid -> t`` beside
+The result is a parquet file of (uid, domain, t), one row per training row in split order, beside
 the tokenized splits, keyed by the data cache key and the prototype settings, plus a per-domain
-histogram (PNG) that the pipeline logs to MLflow.
+histogram (PNG) that the pipeline logs to MLflow. Callers get t as an array aligned with the
+training split's rows.
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ def prototype_dir(cfg: Config, data: PreparedData) -> Path:
     return data.directory.parent / f"prototypes-{content_key(*settings)}"
 
 
-def compute_prototype_scores(cfg: Config, data: PreparedData, quiet: bool = False) -> dict[str, float]:
-    """{uid: t} for every training instance (cached; recomputed only when inputs change)."""
+def compute_prototype_scores(cfg: Config, data: PreparedData, quiet: bool = False) -> np.ndarray:
+    """t of every training row, in split order (cached; recomputed only when inputs change)."""
     directory = prototype_dir(cfg, data)
     table = read_parquet(directory / "scores.parquet")
+    if table is not None and table.num_rows != len(data.splits["train"]):
+        print(f"[cache] {directory / 'scores.parquet'} is damaged (not one score per training row); rebuilding it")
+        table = None
     if table is None:
         start = time.time()
         train = data.splits["train"]
@@ -52,16 +56,15 @@ def compute_prototype_scores(cfg: Config, data: PreparedData, quiet: bool = Fals
         if not quiet:
             print(f"[prototypes] scored {len(train)} training instances in {time.time() - start:.0f}s -> {directory}")
         table = pq.read_table(directory / "scores.parquet")
-    scores = dict(zip(table.column("uid").to_pylist(), table.column("t").to_pylist()))
     if not quiet:
         print(summarize(table))
-    return scores
+    return table.column("t").to_numpy()
 
 
 def scores_for(cfg: Config, data: PreparedData, emb: torch.Tensor) -> torch.Tensor:
     """Apply the configured variant; a held-out domain is scored against the seen domains only."""
     p, train = cfg.prototypes, data.splits["train"]
-    labels, domains = torch.from_numpy(train.labels), torch.from_numpy(train.domain_ids)
+    labels, domains = torch.tensor(train.labels), torch.tensor(train.domain_ids)
     held = data.domain_id(cfg.data.held_out_domain) if cfg.data.held_out_domain else -1
     seen = domains != held
     t = torch.empty(len(train))
@@ -86,12 +89,11 @@ def embed(cfg: Config, split, quiet: bool = False, device: torch.device | None =
     device = device or task_device()
     prepare_device(device)
     encoder = load_encoder(model_path(cfg.model.teacher)).to(device).eval()
-    tensors = split.tensors()
     bs, out = cfg.prototypes.batch_size, []
     # Sorting by length keeps padding (and so compute) low; the order is restored at the end.
-    order = np.argsort(split.attention_mask.sum(1))
+    order = np.argsort(split.lengths)
     for i, start in enumerate(range(0, len(split), bs)):
-        b = batch_at(tensors, order[start:start + bs], device)
+        b = batch_at(split, order[start:start + bs], device)
         with autocast(device, cfg.precision):
             h = encoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                         token_type_ids=b["token_type_ids"]).last_hidden_state

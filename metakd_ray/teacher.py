@@ -9,10 +9,18 @@ The objective is ``losses.teacher_loss``: t-weighted CE plus γ1 times the domai
 Kinds: ``meta`` (t weights + domain loss), ``mix`` (all domains, plain CE), ``mtl`` (all domains,
 plain CE, one classifier head per domain: the paper's BERT-mtl), ``single`` (one teacher per domain,
 plain CE). ``train_loop_per_worker`` reads top to bottom; Ray appears only at its edges
-(context, device, checkpoint restore, report). Every ``teacher.eval_every`` steps the workers score
-each domain's dev set (each a shard, counts summed) and rank 0 reports ``val/<domain>/acc`` and
-their mean ``val/acc`` with a checkpoint (model, optimiser, scheduler, step, RNG); the best
-checkpoint by ``val/acc`` becomes the teacher.
+(context, device, checkpoint restore, report).
+
+The training rows are put in Ray's object store once (int32 tokens, no padding); every worker on a
+node reads that one copy in place, without copying it, and only its shard of each step: the rows
+rank, rank + W, ... of the global batch. The batches come from one shuffled order per epoch
+(8 bytes per text), a pure function of (seed, epoch), so a resumed run replays exactly what an
+uninterrupted one does; Ray Data's streaming shards would not resume mid-epoch.
+Every ``teacher.eval_every`` steps the workers score a fixed sample of each domain's dev set
+(``teacher.eval_max_per_domain``; each worker a shard, counts summed) and rank 0 reports
+``val/<domain>/acc`` and their mean ``val/acc`` with a checkpoint (model, optimiser, scheduler,
+step, RNG). Of the ``teacher.num_to_keep`` best checkpoints, the one best on the whole dev set
+becomes the teacher.
 A restarted worker group resumes from the latest checkpoint; re-running the command resumes an
 unfinished run (same Ray run name) and does nothing for a finished one.
 """
@@ -30,10 +38,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from metakd_ray import losses
-from metakd_ray.cluster import (autocast, init_ray, is_remote, latest_checkpoint, prepare_device, resolve_precision,
-                                storage_path, task_device)
+from metakd_ray.cluster import (autocast, init_ray, latest_checkpoint, memory_reservation, prepare_device, remove_run,
+                                resolve_precision, storage_path, task_device)
 from metakd_ray.config import Config, model_path
-from metakd_ray.data.prepare import PreparedData, Split
+from metakd_ray.data.prepare import PreparedData, eval_sample
+from metakd_ray.data.split import Split
 from metakd_ray.errors import MetaKDError
 from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json
 from metakd_ray.methods import teacher_name
@@ -42,8 +51,8 @@ from metakd_ray.models import SAVE_FORMAT, build_teacher, count_parameters, save
 from metakd_ray.outputs import Store, teacher_dir, teacher_finished
 from metakd_ray.terminal import relayed_console, say_to, verbose
 from metakd_ray.tracking import RunRef, flatten, open_run, system_metrics
-from metakd_ray.training import (LOG_EVERY, accuracy_by_domain, accuracy_from_counts, batch_at, correct_counts,
-                                 epoch_order, forward, make_optimizer, measure_latency, model_device, optimizer_step,
+from metakd_ray.training import (LOG_EVERY, EpochOrder, accuracy_by_domain, accuracy_from_counts, batch_at,
+                                 correct_counts, forward, make_optimizer, measure_latency, model_device, optimizer_step,
                                  seed_everything)
 
 
@@ -61,9 +70,9 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device()
     prepare_device(device)
-    train: Split = ray.get(config["train"])
-    dev: Split = ray.get(config["dev"])
+    train: Split = ray.get(config["train"])  # the node's one copy, read in place
     weights = torch.tensor(ray.get(config["weights"]))
+    dev: Split = ray.get(config["dev"])
     run: RunRef | None = config["run"] if rank == 0 else None
     say = say_to(config.get("console"))
 
@@ -96,16 +105,15 @@ def train_loop_per_worker(config: dict) -> None:
             f"over {world} worker(s)")
 
     with system_metrics(run):  # rank 0 only: the machine that trains and evaluates
-        tensors = train.tensors()
         domains = config["domains"]
         model.train()
         window_start, window_samples = time.perf_counter(), 0
+        order = EpochOrder(len(train), config["seed"])
         while step < total_steps:
             # [4] The batch of this step is a pure function of (seed, step): resumes replay it exactly.
             epoch, position = divmod(step, steps_per_epoch)
-            order = epoch_order(len(train), config["seed"], epoch)
-            index = order[position * global_batch:(position + 1) * global_batch][rank::world][:local_batch]
-            batch = batch_at(tensors, index, device)
+            index = order(epoch)[position * global_batch:(position + 1) * global_batch][rank::world][:local_batch]
+            batch = batch_at(train, index, device)
             t = weights[index].to(device, non_blocking=True)
             loss, ce, domain_term = train_step(model, optimizer, scheduler, batch, t, config, step, rank)
             step += 1
@@ -222,11 +230,14 @@ def loop_settings(cfg: Config, data: PreparedData, kind: str) -> dict:
 
 def loop_config(cfg: Config, data: PreparedData, kind: str, domain_ids: list[int], weights: np.ndarray,
                 run: RunRef | None) -> dict:
-    """``loop_settings`` plus the data (in the object store, so workers on any node get it) and the run."""
+    """``loop_settings`` plus the data and the run. The data goes to Ray's object store, so workers
+    on any node get it: the training rows of ``domain_ids`` with their weights, and the dev sample
+    that every ``eval_every`` scores."""
     import ray
 
+    dev = eval_sample(data.splits["dev"].for_domains(domain_ids), cfg.teacher.eval_max_per_domain, cfg.seed)
     return dict(loop_settings(cfg, data, kind), train=ray.put(data.splits["train"].for_domains(domain_ids)),
-                dev=ray.put(data.splits["dev"].for_domains(domain_ids)), weights=ray.put(weights), run=run)
+                weights=ray.put(np.ascontiguousarray(weights, dtype=np.float32)), dev=ray.put(dev), run=run)
 
 
 def make_trainer(cfg: Config, loop_config: dict, run_name: str, storage: str, callbacks=None, num_to_keep=None):
@@ -240,7 +251,8 @@ def make_trainer(cfg: Config, loop_config: dict, run_name: str, storage: str, ca
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if tcfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu,
-                                     resources_per_worker={"CPU": tcfg.cpus_per_worker},
+                                     resources_per_worker={"CPU": tcfg.cpus_per_worker,
+                                                           "memory": memory_reservation(cfg, "teacher")},
                                      placement_strategy=tcfg.placement_strategy),
         run_config=RunConfig(
             name=run_name, storage_path=storage, callbacks=callbacks,
@@ -254,26 +266,46 @@ def make_trainer(cfg: Config, loop_config: dict, run_name: str, storage: str, ca
     )
 
 
-def load_best_teacher(cfg: Config, data: PreparedData, result, kind: str = "meta"
+def load_best_teacher(cfg: Config, data: PreparedData, result, kind: str = "meta", domain_ids=None
                       ) -> tuple[MetaKDForSequenceClassification, dict]:
-    """The best checkpoint of a finished fit (by ``val/acc``) as a model, with its metrics."""
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val/acc"])
+    """The best of a finished fit's kept checkpoints as a model, with its metrics: by ``val/acc``
+    (the dev sample) when the sample was the whole dev set of ``domain_ids``, else by the mean
+    accuracy over the whole dev set."""
     model = build_teacher(cfg.model.teacher, data.labels, data.domains, cfg.model.dropout, cfg.model.pooling,
                           domain_heads=kind == "mtl")
-    with best_ckpt.as_directory() as d:
+    kept = sorted(result.best_checkpoints, key=lambda cm: -cm[1]["val/acc"])
+    dev = data.splits["dev"].for_domains(domain_ids if domain_ids is not None else range(len(data.domains)))
+    if len(eval_sample(dev, cfg.teacher.eval_max_per_domain, cfg.seed)) < len(dev) and len(kept) > 1:
+        model.to(task_device())
+        scored = []
+        for checkpoint, metrics in kept:
+            _load_checkpoint_weights(model, checkpoint)
+            scored.append((float(np.mean(list(accuracy_by_domain(model, dev, data.domains).values()))), metrics))
+        best = max(range(len(kept)), key=lambda i: scored[i][0])
+        kept = [kept[best]]
+        print(f"[teacher] the whole dev set chose step {kept[0][1]['step']} ({scored[best][0]:.4f}) among the "
+              f"{len(scored)} kept checkpoints", flush=True)
+    _load_checkpoint_weights(model, kept[0][0])
+    return model.cpu(), kept[0][1]
+
+
+def _load_checkpoint_weights(model, checkpoint) -> None:
+    with checkpoint.as_directory() as d:
         model.load_state_dict(load_file(Path(d) / "model.safetensors"))
-    return model, best_metrics
 
 
 def teacher_key(cfg: Config, data: PreparedData, kind: str, domain: str = "") -> str:
     # the student's settings in `model` do not change the teacher
+    settings = cfg.to_dict()
+    for k in ("memory_per_worker_gb", "keep_checkpoints"):  # where it runs and what is kept, not what it learns
+        settings["teacher"].pop(k)
     return content_key(data.key, cfg.model.teacher, cfg.model.dropout, cfg.model.pooling,
-                       cfg.hash("teacher", "prototypes", "seed"),
+                       content_key({s: settings[s] for s in ("teacher", "prototypes", "seed")})[:12],
                        cfg.precision,
                        cfg.data.held_out_domain, kind, domain, SAVE_FORMAT)[:12]
 
 
-def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kind: str, domain: str = "",
+def train_teacher(cfg: Config, data: PreparedData, scores: np.ndarray, kind: str, domain: str = "",
                   parent: RunRef | None = None, fresh: bool = False) -> dict:
     """Train (or resume, or reuse) one teacher; returns its ``result.json`` content."""
     name = teacher_name(kind, domain)
@@ -284,8 +316,7 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
     store = Store.of(cfg)
     if fresh:
         shutil.rmtree(out_dir, ignore_errors=True)
-        if not is_remote(storage):
-            shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
+        remove_run(storage, run_name)
     elif store and not teacher_finished(out_dir, key):  # finished by an earlier job whose driver ran elsewhere
         store.get(f"teachers/{name}", out_dir)
     if teacher_finished(out_dir, key):
@@ -298,8 +329,8 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
                   else [data.domain_id(d) for d in cfg.teacher_domains])
     train = data.splits["train"].for_domains(domain_ids)
     objective = teacher_objective(cfg, kind)
-    weights = (np.array([scores[u] for u in train.uids], dtype=np.float32) if objective["use_weights"]
-               else np.ones(len(train), dtype=np.float32))
+    rows = np.flatnonzero(np.isin(data.splits["train"].domain_ids, domain_ids))
+    weights = scores[rows].astype(np.float32) if objective["use_weights"] else np.ones(len(rows), dtype=np.float32)
     if len(train) < cfg.teacher.batch_size:
         raise MetaKDError(f"teacher {name}: {len(train)} training examples is fewer than "
                           f"teacher.batch_size={cfg.teacher.batch_size}")
@@ -330,7 +361,7 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
         raise
 
     # [4] The best checkpoint becomes the teacher: evaluate it on every domain, save it atomically.
-    model, best_metrics = load_best_teacher(cfg, data, result, kind)
+    model, best_metrics = load_best_teacher(cfg, data, result, kind, domain_ids)
     model.to(task_device())
     eval_ids = domain_ids if kind == "single" else list(range(len(data.domains)))
     dev_acc = accuracy_by_domain(model, data.splits["dev"].for_domains(eval_ids), data.domains)
@@ -353,7 +384,7 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
                 config_hash=cfg.hash())
     with atomic_dir(out_dir / "model") as tmp:
         save_model(model, tmp, {"kind": kind, "domain": domain or None, "max_length": cfg.data.max_length,
-                                "test_split": str(data.directory / "test.parquet")},
+                                "test_split": str(data.split_path("test"))},
                    tokenizer_from=model_path(cfg.model.teacher), max_length=cfg.data.max_length)
         write_model_card(tmp, card)
     atomic_write_json(out_dir / "result.json", summary)
@@ -363,9 +394,11 @@ def train_teacher(cfg: Config, data: PreparedData, scores: dict[str, float], kin
                **{k: summary[k] for k in ("latency_ms", "latency_b32_ms", "gpu_latency_ms") if k in summary},
                **{f"{s}/{d}": v for d, r in summary["per_domain"].items() for s, v in r.items()}}
     run.log_metrics(metrics)
-    run.log_trained_model(out_dir / "model", f"teacher-{name}", metrics, data.directory, cfg.data.format,
+    run.log_trained_model(out_dir / "model", f"teacher-{name}", metrics, data, cfg.data.format,
                           domain or None)
     run.finish()
+    if not cfg.teacher.keep_checkpoints:  # the teacher is saved; they would only resume a finished run
+        remove_run(storage, run_name)
     print(f"[teacher] {name}: best step {summary['best_step']}, dev mean acc {summary['dev_mean_acc']:.4f}")
     return summary
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import json
 import logging
 import os
 import subprocess
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metakd_ray.config import Config
+from metakd_ray.io import content_key
 
 STAGE = "metakd.stage"
 KEY = "metakd.key"
@@ -63,16 +65,16 @@ class RunRef:
     def log_artifact(self, local_file: Path, artifact_path: str | None = None) -> None:
         self.client().log_artifact(self.run_id, str(local_file), artifact_path)
 
-    def log_trained_model(self, model_dir: Path, name: str, metrics: dict, data_dir: Path, data_name: str,
+    def log_trained_model(self, model_dir: Path, name: str, metrics: dict, data, data_name: str,
                           domain: str | None) -> str:
-        """A saved teacher or student with the data it saw: the train/dev/test splits of
-        ``data_dir`` (filtered to ``domain``) as run inputs, then the model, with two test rows as
-        its input example. Returns the model id."""
+        """A saved teacher or student with the data it saw: the train/dev/test splits of ``data``
+        (a ``PreparedData``, filtered to ``domain``) as run inputs, then the model, with two test
+        rows as its input example. Returns the model id."""
         from metakd_ray.deploy import read_examples
 
-        self.log_splits({s: data_dir / f"{s}.parquet" for s in ("train", "dev", "test")}, data_name, domain)
-        example = read_examples(data_dir / "test.parquet", domain)
-        rows = {"text": example.texts[:2], **({"text_pair": example.pairs[:2]} if example.pairs else {})}
+        self.log_splits(data, data_name, domain)
+        example = read_examples(data.split_path("test"), domain, limit=2)
+        rows = {"text": example.texts, **({"text_pair": example.pairs} if example.pairs else {})}
         return self.log_model(model_dir, name, rows, metrics)
 
     def log_model(self, model_dir: Path, name: str, example: dict, metrics: dict) -> str:
@@ -108,33 +110,64 @@ class RunRef:
                 mlflow_model=Model(artifact_path=model.artifact_location, run_id=self.run_id,
                                    model_uuid=model.model_id, model_id=model.model_id))
             client.log_model_artifacts(model.model_id, str(local))
+        _share_local_copy(Path(model_dir), model.artifact_location)
         client.finalize_logged_model(model.model_id, "READY")
         self.log_metrics(metrics, model_id=model.model_id)
         return model.model_id
 
-    def log_splits(self, splits: dict[str, Path], name: str, domain: str | None) -> None:
-        """Each data split (a tokenized parquet, filtered to ``domain``) as an input of this run,
-        with its MLflow context (``training``, ``validation``, ``test``)."""
-        import mlflow.data
-        import pyarrow.parquet as pq
-        from mlflow.entities import DatasetInput, InputTag
+    def log_splits(self, data, name: str, domain: str | None) -> None:
+        """Each data split of ``data`` (filtered to ``domain``) as an input of this run, with its
+        MLflow context (``training``, ``validation``, ``test``). The datasets carry their source
+        file, schema, size and the token cache's content key as digest; nothing is read to log them."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.types import ColSpec, Schema
 
         contexts = {"train": "training", "dev": "validation", "test": "test"}
+        schema = Schema([ColSpec("string", "uid"), ColSpec("string", "domain"), ColSpec("long", "label"),
+                         ColSpec("string", "text")])
         inputs = []
         with _quiet("mlflow"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # notes on integer columns and on how a local path is read
-            for split, path in splits.items():
-                frame = pq.read_table(path, columns=["uid", "domain", "label", "text"]).to_pandas()
+            warnings.simplefilter("ignore")  # notes on how a local path is read
+            for split, context in contexts.items():
+                rows = data.splits[split]
                 if domain:
-                    frame = frame[frame["domain"] == domain]
-                dataset = mlflow.data.from_pandas(frame, source=str(path), targets="label",
-                                                  name=f"{name}/{domain or 'all'}/{split}")
-                inputs.append(DatasetInput(dataset._to_mlflow_entity(),
-                                           [InputTag("mlflow.data.context", contexts[split])]))
+                    rows = rows.for_domains([data.domain_id(domain)])
+                dataset = MetaDataset(resolve_dataset_source(str(data.split_path(split))),
+                                      name=f"{name}/{domain or 'all'}/{split}",
+                                      digest=content_key(data.key, split, domain)[:8], schema=schema)
+                d = dataset.to_dict()
+                entity = Dataset(d["name"], d["digest"], d["source_type"], d["source"], d.get("schema"),
+                                 json.dumps({"num_rows": len(rows)}))
+                inputs.append(DatasetInput(entity, [InputTag("mlflow.data.context", context)]))
         self.client().log_inputs(self.run_id, datasets=inputs)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client().set_terminated(self.run_id, status)
+
+
+def _share_local_copy(model_dir: Path, artifact_location: str) -> None:
+    """A local MLflow store keeps a second copy of the model's files (the pyfunc's
+    ``artifacts/model/``); make each copy a hard link to the saved model's file: the same bytes,
+    stored once. A remote store, another file system or a file that differs keeps its copy."""
+    import filecmp
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    parsed = urlparse(artifact_location)
+    if parsed.scheme not in ("", "file"):
+        return
+    packed = Path(url2pathname(parsed.path)) / "artifacts" / "model"
+    for source in (p for p in model_dir.rglob("*") if p.is_file()):
+        copy = packed / source.relative_to(model_dir)
+        if copy.is_file() and copy.stat().st_size == source.stat().st_size and filecmp.cmp(source, copy, shallow=False):
+            link = copy.with_name(f".{copy.name}.link")
+            try:
+                os.link(source, link)
+                os.replace(link, copy)
+            except OSError:  # another file system, or no hard links there
+                link.unlink(missing_ok=True)
 
 
 def tracking_uri(cfg: Config) -> str:

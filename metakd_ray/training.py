@@ -1,7 +1,7 @@
 """Small PyTorch helpers shared by the teacher and student loops: batches, optimiser, evaluation.
 
-Batches are cut on the CPU and moved to the model's device (pinned, non-blocking on a GPU);
-evaluation returns CPU arrays whatever the device.
+Batches are cut from a ``Split`` on the CPU, padded to their longest row, and moved to the model's
+device (pinned, non-blocking on a GPU); evaluation returns CPU arrays whatever the device.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from metakd_ray.cluster import autocast
-from metakd_ray.data.prepare import Split
+from metakd_ray.data.split import Split
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 LOG_EVERY = 5  # steps between training-loss points in MLflow
 
 
@@ -26,14 +25,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batch_at(tensors: dict, index, device: torch.device | None = None) -> dict:
-    """Rows ``index`` of every (CPU) tensor, trimmed to the longest real sequence in the batch and
-    moved to ``device``."""
-    index = torch.as_tensor(index, dtype=torch.long)
-    batch = {k: v[index] for k, v in tensors.items()}
-    width = int(batch["attention_mask"].sum(1).max())
-    for key in MODEL_INPUTS:
-        batch[key] = batch[key][:, :width]
+def batch_at(split: Split, index, device: torch.device | None = None) -> dict:
+    """Rows ``index`` of ``split`` padded to the longest of them (``Split.batch``), on ``device``."""
+    batch = split.batch(index)
     return to_device(batch, device) if device is not None else batch
 
 
@@ -53,10 +47,22 @@ def forward(model, batch: dict, **kwargs):
     return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["domain_ids"], **kwargs)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled order of epoch ``epoch``: a pure function of (seed, epoch) so resumes replay it."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=g).numpy()
+
+
+class EpochOrder:
+    """``epoch_order`` made once per epoch (not once per step), held for the epoch in progress."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.order = n, seed, -1, None
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        if epoch != self.epoch:
+            self.epoch, self.order = epoch, epoch_order(self.n, self.seed, epoch)
+        return self.order
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int,
@@ -101,22 +107,22 @@ def stage_steps(epochs: float, examples: int, batch_size: int, min_steps: int = 
 
 
 class TrainingStage:
-    """One training stage of a model on ``tensors``: shuffled mini-batches, AdamW with warm-up,
-    an optional evaluation every ``eval_every`` steps and at the end.
+    """One training stage of a model on the rows of ``split``: shuffled mini-batches, AdamW with
+    warm-up, an optional evaluation every ``eval_every`` steps and at the end.
 
     ``settings`` gives batch_size, weight_decay, warmup_fraction and max_grad_norm (a
     ``DistillConfig`` or ``GeneralConfig``). ``loss_fn(batch, rows, output)`` returns the loss, or
     (loss, {term: per-batch value}) whose terms are logged beside it as ``<stage>/<term>``."""
 
-    def __init__(self, model, tensors: dict, settings, seed: int, precision: str, run, device: torch.device,
+    def __init__(self, model, split: Split, settings, seed: int, precision: str, run, device: torch.device,
                  progress=None):
-        self.model, self.tensors, self.settings, self.seed = model, tensors, settings, seed
+        self.model, self.split, self.settings, self.seed = model, split, settings, seed
         self.precision, self.run, self.device, self.progress = precision, run, device, progress
 
     def __call__(self, epochs: float, lr: float, step: int, stage: str, loss_fn, internals: bool, evaluate=None,
                  eval_every: int = 0, min_steps: int = 0, constant_lr: bool = False) -> int:
         s = self.settings
-        n = len(self.tensors["labels"])
+        n = len(self.split)
         per_epoch = max(1, n // s.batch_size)
         total = stage_steps(epochs, n, s.batch_size, min_steps)
         if total == 0:
@@ -124,12 +130,12 @@ class TrainingStage:
         optimizer, scheduler = make_optimizer(self.model, lr, s.weight_decay, total, s.warmup_fraction, constant_lr)
         # Each stage shuffles with its own stream: the stage name's CRC32 (mod a prime) offsets the
         # seed, so stage 2 does not replay stage 1's batch order.
-        seed = self.seed + zlib.crc32(stage.encode()) % 997
+        order = EpochOrder(n, self.seed + zlib.crc32(stage.encode()) % 997)
         self.model.train()
         for i in range(total):
             epoch, position = divmod(i, per_epoch)
-            idx = epoch_order(n, seed, epoch)[position * s.batch_size:(position + 1) * s.batch_size]
-            b = batch_at(self.tensors, idx, self.device)
+            idx = order(epoch)[position * s.batch_size:(position + 1) * s.batch_size]
+            b = batch_at(self.split, idx, self.device)
             with autocast(self.device, self.precision):
                 out = forward(self.model, b, internals=internals)
                 loss = loss_fn(b, idx, out)
@@ -147,6 +153,36 @@ class TrainingStage:
         return step
 
 
+class BestStates:
+    """The ``k`` best states of a model by dev accuracy while it trains (CPU copies; on a tie the
+    earlier state stays)."""
+
+    def __init__(self, k: int = 1):
+        self.k, self.kept = k, []  # [(score, step, state)], best first
+
+    def offer(self, score: float, model, step: int) -> None:
+        if len(self.kept) == self.k and score <= self.kept[-1][0]:
+            return
+        state = {name: v.detach().to("cpu", copy=True) for name, v in model.state_dict().items()}
+        self.kept = sorted(self.kept + [(score, step, state)], key=lambda item: -item[0])[:self.k]
+
+    def choose(self, model, rescore=None) -> tuple[int, float]:
+        """Load the best kept state into ``model``; returns its (step, score). With ``rescore``
+        (a function scoring ``model`` as it is, e.g. on the whole dev set) the best by that score."""
+        if not self.kept:
+            return 0, -1.0
+        candidates = self.kept
+        if rescore is not None:
+            candidates = []
+            for _, step, state in self.kept:
+                model.load_state_dict(state)
+                candidates.append((rescore(), step, state))
+            candidates.sort(key=lambda item: -item[0])  # stable: a tie keeps the sample's order
+        score, step, state = candidates[0]
+        model.load_state_dict(state)
+        return step, score
+
+
 def eval_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 64
 
@@ -158,10 +194,9 @@ def predict(model, split: Split, precision: str = "fp32") -> np.ndarray:
     model.eval()
     device = model_device(model)
     batch_size = eval_batch_size(device)
-    tensors = split.tensors()
     preds = []
     for start in range(0, len(split), batch_size):
-        b = batch_at(tensors, range(start, min(start + batch_size, len(split))), device)
+        b = batch_at(split, np.arange(start, min(start + batch_size, len(split))), device)
         with autocast(device, precision):
             preds.append(forward(model, b).logits.argmax(-1).cpu())
     model.train(was_training)
@@ -177,7 +212,7 @@ def correct_counts(model, split: Split, num_domains: int, precision: str = "fp32
     """``[2, num_domains]`` float64 (CPU): per domain, the correct predictions and the examples in
     ``split``. Counts of disjoint shards add up, so workers can each score a shard and sum."""
     correct = torch.from_numpy((predict(model, split, precision) == split.labels).astype(np.float64))
-    domain_ids = torch.from_numpy(split.domain_ids)
+    domain_ids = torch.tensor(split.domain_ids)
     counts = torch.zeros(2, num_domains, dtype=torch.float64)
     counts[0].index_add_(0, domain_ids, correct)
     counts[1].index_add_(0, domain_ids, torch.ones_like(correct))
@@ -196,20 +231,19 @@ def measure_latency(model, split: Split, min_run_time: float = 0.3) -> dict[str,
     ``gpu_latency_ms`` at batch size 1 there too."""
     device = model_device(model)
     cpu_model = copy.deepcopy(model).cpu().eval() if device.type != "cpu" else model.eval()
-    tensors = split.tensors()
-    typical = int(np.argsort(split.attention_mask.sum(1))[len(split) // 2])  # median length
+    typical = int(np.argsort(split.lengths)[len(split) // 2])  # median length
     batches = {"latency_ms": [typical], "latency_b32_ms": [i % len(split) for i in range(32)]}
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         out = {}
         for name, rows in batches.items():
-            b = batch_at(tensors, rows, torch.device("cpu"))
+            b = batch_at(split, rows, torch.device("cpu"))
             out[name] = time_ms(lambda b=b: forward(cpu_model, b), min_run_time)
     finally:
         torch.set_num_threads(threads)
     if device.type == "cuda":
-        b = batch_at(tensors, batches["latency_ms"], device)
+        b = batch_at(split, batches["latency_ms"], device)
 
         def on_gpu():
             forward(model, b)

@@ -27,6 +27,7 @@ The sweep is one MLflow parent run, with one child run per trial; the best trial
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -37,9 +38,10 @@ import optuna
 import yaml
 from ray.tune.search.optuna import OptunaSearch
 
+from metakd_ray.cluster import memory_reservation
 from metakd_ray.config import Config, dump_yaml, with_overrides
-from metakd_ray.distill import (StudentJob, compute_teacher_outputs, distill_student, fetch_teacher,
-                                teacher_outputs_task)
+from metakd_ray.distill import (StudentJob, distill_student, domain_data, fetch_teacher, planned_signals,
+                                teacher_outputs_task, teacher_passes)
 from metakd_ray.errors import MetaKDError
 from metakd_ray.general import ensure_general, general_key, general_path
 from metakd_ray.io import atomic_write_text
@@ -47,6 +49,7 @@ from metakd_ray.methods import META_KD
 from metakd_ray.models import load_model, save_model
 from metakd_ray.outputs import Store, teacher_outputs_path
 from metakd_ray.plots import save_figure
+from metakd_ray.signals import TeacherSignals, plan, teacher_pass
 from metakd_ray.tracking import RunRef, open_run
 
 TARGETS = ("teacher", "distill", "joint")
@@ -182,9 +185,10 @@ def _trial_run(base: Config, sweep_run: RunRef, params: dict) -> RunRef:
     return run
 
 
-def distill_trial(params: dict, base: Config, data, teacher_key: str, outputs: dict, scores: dict,
+def distill_trial(params: dict, base: Config, data, per_domain: dict, teacher_key: str, internals: bool,
                   run_ref: RunRef, sweep_dir: str) -> None:
-    """Train the Meta-KD student of each domain in turn; report the running mean dev accuracy."""
+    """Train the Meta-KD student of each domain in turn; report the running mean dev accuracy.
+    ``data`` names the token cache (its splits are not sent); ``per_domain`` holds the rows."""
     import torch
     from ray import tune
 
@@ -194,26 +198,31 @@ def distill_trial(params: dict, base: Config, data, teacher_key: str, outputs: d
     cfg = with_overrides(base, params)
     torch.set_num_threads(cfg.distill.cpus_per_task)
     run = _trial_run(base, run_ref, params)
-    # On a node that does not see the driver's files, the outputs come from storage (or are rebuilt).
-    outputs = {d: teacher_outputs_task(cfg, data, "meta", teacher_key, d, scores, path) for d, path in outputs.items()}
-    _distill_domains(cfg, data, fetch_teacher(cfg, "meta", teacher_key), outputs, run, log.report)
+    # The driver made the passes for the sweep's layer map; a trial with another student depth makes
+    # its own. On a node that does not see the driver's files, they come from storage (or are rebuilt).
+    outputs = {d: teacher_outputs_task(cfg, dd, "meta", teacher_key,
+                                       str(teacher_outputs_path(cfg, data, teacher_key, "meta", d, internals)), internals)
+               for d, dd in per_domain.items()}
+    _distill_domains(cfg, data, per_domain, fetch_teacher(cfg, "meta", teacher_key), outputs, run, log.report)
     log.finish()
     run.finish()
 
 
-def _distill_domains(cfg, data, teacher_dir: Path, outputs: dict, run: RunRef, report) -> None:
-    """``outputs``: {domain: path of the teacher outputs}, readable where this trial runs."""
-    from safetensors.torch import load_file
-
+def _distill_domains(cfg, data, per_domain: dict, teacher_dir: Path, outputs: dict, run: RunRef, report) -> None:
+    """``outputs``: {domain: directory of the teacher pass}, readable where this trial runs."""
     from metakd_ray.cluster import prepare_device, task_device
 
     device = task_device()
     prepare_device(device)
     general = general_path(cfg, general_key(cfg, data)) if cfg.model.student_init == "general" else None
     accs, latency = [], []
-    for i, domain in enumerate(cfg.data.domains, start=1):
-        r = distill_student(cfg, data, StudentJob(META_KD.name, domain), teacher_dir, load_file(outputs[domain]),
-                            device=device, general=general)["result"]
+    for i, (domain, dd) in enumerate(per_domain.items(), start=1):
+        signals = TeacherSignals(outputs[domain])
+        try:
+            r = distill_student(cfg, dd, StudentJob(META_KD.name, domain), teacher_dir, signals, device=device,
+                                general=general)["result"]
+        finally:
+            signals.close()
         accs.append(r["dev_acc"])
         latency.append(r["latency_ms"])
         metrics = {"mean_dev_acc": float(np.mean(accs)), f"dev_acc/{domain}": r["dev_acc"], "domains_done": i,
@@ -227,8 +236,10 @@ def teacher_trial(params: dict, base: Config, data, embeddings, run_ref: RunRef,
     _fit_teacher_for_trial(params, base, data, embeddings, run_ref, storage, report_to_tune=True)
 
 
-def joint_trial(params: dict, base: Config, data, embeddings, run_ref: RunRef, storage: str) -> None:
-    """A teacher with the trial's parameters, then its meta_kd students (reported per domain)."""
+def joint_trial(params: dict, base: Config, data, embeddings, run_ref: RunRef, storage: str,
+                internals: bool = False) -> None:
+    """A teacher with the trial's parameters, then its meta_kd students (reported per domain);
+    ``internals``: its passes keep the hidden states (``signals.plan`` for one trial)."""
     import tempfile
 
     import torch
@@ -244,9 +255,12 @@ def joint_trial(params: dict, base: Config, data, embeddings, run_ref: RunRef, s
         teacher_dir = Path(tmp) / "teacher"
         save_model(model, teacher_dir, {"kind": "meta"})
         teacher, _ = load_model(teacher_dir)
-        outputs = {d: str(compute_teacher_outputs(cfg, data, teacher, d, scores, cfg.distill.cache_teacher_targets,
-                                                  Path(tmp) / f"{d}.safetensors")) for d in cfg.data.domains}
-        _distill_domains(cfg, data, teacher_dir, outputs, run, log.report)
+        per_domain = {d: domain_data(cfg, data, d, scores) for d in cfg.data.domains}
+        outputs = {}
+        for d, dd in per_domain.items():
+            outputs[d] = Path(tmp) / d
+            teacher_pass(cfg, dd.rows(), dd.row_scores(), teacher, internals, outputs[d])
+        _distill_domains(cfg, data, per_domain, teacher_dir, outputs, run, log.report)
     log.finish()
     run.finish()
 
@@ -260,11 +274,10 @@ def _fit_teacher_for_trial(params, base, data, embeddings, run_ref, storage, rep
 
     cfg = with_overrides(base, params)
     run = _trial_run(base, run_ref, params)
-    t = scores_for(cfg, data, embeddings).numpy().astype(np.float32)
-    scores = dict(zip(data.splits["train"].uids, t.tolist()))
+    scores = scores_for(cfg, data, embeddings).numpy().astype(np.float32)
     ids = [data.domain_id(d) for d in cfg.teacher_domains]
     rows = np.isin(data.splits["train"].domain_ids, ids)
-    weights = t[rows] if teacher_objective(cfg, "meta")["use_weights"] else np.ones(int(rows.sum()), np.float32)
+    weights = scores[rows] if teacher_objective(cfg, "meta")["use_weights"] else np.ones(int(rows.sum()), np.float32)
     trainer = make_trainer(cfg, loop_config(cfg, data, "meta", ids, weights, run),
                            f"sweep-teacher-{tune.get_context().get_trial_id()}", storage,
                            callbacks=[TuneReportCallback()] if report_to_tune else None, num_to_keep=1)
@@ -272,7 +285,7 @@ def _fit_teacher_for_trial(params, base, data, embeddings, run_ref, storage, rep
     if report_to_tune:
         run.finish()
         return None
-    model, _ = load_best_teacher(cfg, data, result)
+    model, _ = load_best_teacher(cfg, data, result, "meta", ids)
     return cfg, run, model, scores
 
 
@@ -317,18 +330,27 @@ def sweep(cfg: Config, space_path: str, trials: int, concurrency: int, resume: b
     init_ray(cfg)
     if cfg.model.student_init == "general" and space.target != "teacher":
         ensure_general(cfg, data, parent)  # one general student for every trial
+    jobs = [StudentJob(META_KD.name, d) for d in cfg.data.domains]
     if space.target == "distill":
         scores = compute_prototype_scores(cfg, data, quiet=True)
         teacher_key = train_teachers(cfg, data, scores, [("meta", "")], None)["meta"]["key"]
-        outputs = _shared_teacher_outputs(cfg, data, teacher_key, scores)
-        trainable = tune.with_parameters(distill_trial, base=cfg, data=data, teacher_key=teacher_key,
-                                         outputs=outputs, scores=scores, run_ref=parent, sweep_dir=str(sweep_dir))
-        trainable = tune.with_resources(trainable, {"CPU": cfg.distill.cpus_per_task, "GPU": cfg.distill.gpus_per_task})
+        per_domain = {d: domain_data(cfg, data, d, scores) for d in cfg.data.domains}
+        signal_plan = plan(cfg, teacher_passes(cfg, jobs, per_domain), trials)  # every trial reads the passes
+        print(signal_plan.line, flush=True)
+        _shared_teacher_outputs(cfg, data, per_domain, teacher_key, signal_plan.internals)
+        trainable = tune.with_parameters(distill_trial, base=cfg, data=dataclasses.replace(data, splits={}, transfer={}),
+                                         per_domain=per_domain, teacher_key=teacher_key,
+                                         internals=signal_plan.internals, run_ref=parent, sweep_dir=str(sweep_dir))
+        trainable = tune.with_resources(trainable, {"CPU": cfg.distill.cpus_per_task, "GPU": cfg.distill.gpus_per_task,
+                                                    "memory": memory_reservation(cfg, "student")})
     else:
         embeddings = embed(cfg, data.splits["train"], quiet=True)
+        extra = {}
+        if space.target == "joint":  # each trial's own teacher, read by its own students
+            extra["internals"] = planned_signals(cfg, data, [META_KD.name]).internals
         fn = teacher_trial if space.target == "teacher" else joint_trial
         trainable = tune.with_parameters(fn, base=cfg, data=data, embeddings=embeddings, run_ref=parent,
-                                         storage=f"{remote_root}/teachers")
+                                         storage=f"{remote_root}/teachers", **extra)
         trainable = tune.with_resources(trainable, {"CPU": 0.01})  # the workers hold the real resources
 
     # [2] Searcher (persisted Optuna study) and scheduler.
@@ -361,15 +383,16 @@ def sweep(cfg: Config, space_path: str, trials: int, concurrency: int, resume: b
     return _summarize(cfg, space, name, sweep_dir, grid, metric, multi, parent)
 
 
-def _shared_teacher_outputs(cfg: Config, data, teacher_key: str, scores: dict) -> dict:
-    """Teacher outputs per domain, computed once for every trial (Ray tasks, like `distill`)."""
+def _shared_teacher_outputs(cfg: Config, data, per_domain: dict, teacher_key: str, internals: bool) -> None:
+    """The meta-teacher's pass over each domain, made once for every trial (Ray tasks, as in `distill`)."""
     import ray
 
     remote = ray.remote(teacher_outputs_task).options(num_cpus=cfg.distill.cpus_per_task,
-                                                      num_gpus=cfg.distill.gpus_per_task)
-    refs = {d: remote.remote(cfg, data, "meta", teacher_key, d, scores,
-                             str(teacher_outputs_path(cfg, teacher_key, "meta", d))) for d in cfg.data.domains}
-    return {d: ray.get(r) for d, r in refs.items()}
+                                                      num_gpus=cfg.distill.gpus_per_task,
+                                                      memory=memory_reservation(cfg, "student"))
+    ray.get([remote.remote(cfg, dd, "meta", teacher_key,
+                           str(teacher_outputs_path(cfg, data, teacher_key, "meta", d, internals)), internals)
+             for d, dd in per_domain.items()])
 
 
 def _summarize(cfg, space, name, sweep_dir: Path, grid, metric: str, multi: bool, parent: RunRef) -> dict:

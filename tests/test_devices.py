@@ -9,17 +9,18 @@ back to the CPU ("Cannot copy out of meta tensor"): after its forward passes, lo
 and optimiser steps.
 """
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from metakd_ray.config import load_config
 from metakd_ray.data.prepare import prepare
-from metakd_ray.distill import StudentJob, compute_teacher_outputs, distill_student
+from metakd_ray.distill import StudentJob, distill_student, domain_data
 from metakd_ray.models import build_teacher, load_encoder, save_model
 from metakd_ray.prototypes import compute_prototype_scores, embed
+from metakd_ray.signals import TeacherSignals, teacher_pass
 from metakd_ray.teacher import loop_settings, train_step
 from metakd_ray.training import accuracy_by_domain, batch_at, make_optimizer
 
@@ -83,11 +84,11 @@ def test_teacher_step_runs_on_the_models_device(prepared):
     settings = loop_settings(cfg, data, "meta")
     optimizer, scheduler = make_optimizer(model, 1e-4, 0.01, 10, 0.1)
     train = data.splits["train"]
-    weights = torch.tensor([scores[u] for u in train.uids])
-    index = torch.arange(8)
+    weights = torch.tensor(scores)
+    index = np.arange(8)
     for kind in ("shuffled", "grl", "uniform"):
         with DeviceAudit():
-            loss, ce, domain = train_step(model, optimizer, scheduler, batch_at(train.tensors(), index, META),
+            loss, ce, domain = train_step(model, optimizer, scheduler, batch_at(train, index, META),
                                           weights[index].to(META), dict(settings, domain_loss=kind), 0, 0)
         assert loss.device == META and ce.shape == (8,) and domain.shape == (8,)
 
@@ -101,8 +102,8 @@ def test_evaluation_moves_batches_to_the_model(prepared):
 def test_teacher_pass_runs_on_the_teachers_device(prepared, tmp_path):
     cfg, data, scores = prepared
     teacher = build_teacher(cfg.model.teacher, data.labels, data.domains).to(META)
-    _reaches_copy_back(lambda: compute_teacher_outputs(cfg, data, teacher, "books", scores, True,
-                                                       tmp_path / "t.safetensors"))
+    dd = domain_data(cfg, data, "books", scores)
+    _reaches_copy_back(lambda: teacher_pass(cfg, dd.rows(), dd.row_scores(), teacher, True, tmp_path / "t"))
 
 
 def test_prototype_embedding_runs_on_the_given_device(prepared):
@@ -117,12 +118,12 @@ def test_student_trains_on_its_device(prepared, tmp_path, method, cached):
     cfg, data, scores = prepared
     teacher = build_teacher(cfg.model.teacher, data.labels, data.domains)
     save_model(teacher, tmp_path / "teacher", {"kind": "meta"})
-    outputs = None
+    dd, signals = domain_data(cfg, data, "books", scores), None
     if method != "no_kd":
-        outputs = load_file(compute_teacher_outputs(cfg, data, teacher, "books", scores, cached,
-                                                    tmp_path / "t.safetensors"))
+        teacher_pass(cfg, dd.rows(), dd.row_scores(), teacher, cached, tmp_path / "t")
+        signals = TeacherSignals(tmp_path / "t")
     job = StudentJob(method, "books")
-    _reaches_copy_back(lambda: distill_student(cfg, data, job, tmp_path / "teacher", outputs, device=META))
+    _reaches_copy_back(lambda: distill_student(cfg, dd, job, tmp_path / "teacher", signals, device=META))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -139,7 +140,8 @@ def test_half_precision_checkpoint_trains_in_fp32(prepared, tmp_path, dtype):
     data = prepare(cfg, quiet=True)
     scores = compute_prototype_scores(cfg, data, quiet=True)  # crashed with a dtype mismatch before
     assert len(scores) == len(data.splits["train"])
-    r = distill_student(cfg, data, StudentJob("no_kd", "books"), None, None, log=lambda *_: None)["result"]
+    r = distill_student(cfg, domain_data(cfg, data, "books", scores), StudentJob("no_kd", "books"), None, None,
+                        log=lambda *_: None)["result"]
     assert r["precision"] == "fp32" and 0.0 <= r["test_acc"] <= 1.0
 
 

@@ -7,21 +7,21 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow import MlflowClient
 from transformers import pipeline
 
 from conftest import kill_when, noise_lines
-from safetensors.torch import load_file
 
 from metakd_ray.config import load_config
 from metakd_ray.data.prepare import prepare
-from metakd_ray.distill import StudentJob, compute_teacher_outputs, distill_student
-from metakd_ray.modeling import mean_pool
+from metakd_ray.data.split import read_split
+from metakd_ray.distill import StudentJob, distill_student, domain_data
+from metakd_ray.modeling import attention_scores, mean_pool
 from metakd_ray.models import build_student, build_teacher, load_model, save_model
 from metakd_ray.prototypes import compute_prototype_scores
+from metakd_ray.signals import CachedTargets, LiveTargets, TeacherSignals, stored_layers, teacher_pass
 from metakd_ray.training import batch_at
 
 
@@ -34,26 +34,46 @@ def prepared(tiny_config):
     return cfg, data, scores, teacher
 
 
+def teacher_signals(cfg, data, scores, teacher, domain, internals, path):
+    """The teacher's pass over ``domain``'s student rows, as the pipeline's task makes it."""
+    dd = domain_data(cfg, data, domain, scores)
+    teacher_pass(cfg, dd.rows(), dd.row_scores(), teacher, internals, path)
+    return dd, TeacherSignals(path)
+
+
 def test_cached_teacher_outputs_match_a_live_teacher(prepared, tmp_path):
     cfg, data, scores, teacher = prepared
-    path = compute_teacher_outputs(cfg, data, teacher, "books", scores, True, tmp_path / "t.safetensors")
-    cached = load_file(path)
-    split = data.splits["train"].for_domains([data.domain_id("books")])
-    assert cached["logits"].shape == (len(split), 2)
-    assert cached["hidden.0"].dtype == torch.float16 and "attention.2" in cached  # 2-layer teacher, 1-layer student
+    dd, cached = teacher_signals(cfg, data, scores, teacher, "books", True, tmp_path / "t")
+    rows = dd.rows()
+    n = len(rows)
+    soft = cached.soft(np.arange(n))
+    assert soft["logits"].shape == (n, 2) and len(cached) == n
+    # 2-layer teacher, 1-layer student: map [2]; the states 0, 1 (entering layer 2) and 2 on real tokens only
+    assert cached.layers == stored_layers(cfg.layer_map) == [0, 1, 2]
+    assert cached.meta["tokens"] == int(rows.lengths.sum())
+    assert (tmp_path / "t" / "hidden.npy").stat().st_size < 2 * cached.meta["tokens"] * 3 * 384 + 200
     # lambda is per instance, in (1 + t) * [1/(1+e), 1/2]
-    lam, t = cached["lambda"], cached["t"]
+    lam, t = soft["lambda"], soft["t"]
     assert torch.all(lam <= (1 + t) * 0.5 + 1e-6) and torch.all(lam >= (1 + t) / (1 + torch.e) - 1e-6)
-    assert lam.std() > 0
+    assert lam.std() > 0 and torch.allclose(t, torch.from_numpy(dd.t))
 
     teacher.eval()
-    b = batch_at(split.tensors(), list(range(8)))
+    index = np.array([5, 0, 3, 7, 1, 2, 4, 6])  # any order: rows are read where they lie
+    b = batch_at(rows, index)
     with torch.no_grad():
         live = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"], internals=True)
     width = b["input_ids"].shape[1]
-    assert torch.allclose(cached["hidden.2"][:8, :width].float(), live.hidden_states[2], atol=2e-2)
-    assert torch.allclose(cached["attention.2"][:8, :, :width, :width].float(), live.attention_scores[1], atol=5e-2)
-    assert torch.allclose(cached["logits"][:8], live.logits, atol=1e-4)
+    hidden = cached.hidden(index, width)
+    mask = b["attention_mask"].bool()
+    assert torch.allclose(hidden[2].float()[mask], live.hidden_states[2][mask], atol=2e-2)
+    assert not hidden[2].float()[~mask].any()  # nothing stored past a row's tokens
+    # the attention scores of layer 2, recomputed from the state that enters it
+    recomputed = attention_scores(teacher.self_attention()[1], hidden[1].float())
+    pairs = (mask[:, None, :, None] & mask[:, None, None, :]).expand_as(recomputed)
+    assert torch.allclose(recomputed[pairs], live.attention_scores[1][pairs], atol=5e-2)
+    assert torch.allclose(cached.soft(index)["logits"], live.logits, atol=1e-4)
+    assert torch.allclose(cached.soft(index)["domain_vector"], live.domain_vector, atol=1e-4)
+    cached.close()
 
 
 def test_student_is_the_teachers_first_layers_and_round_trips(prepared, tmp_path):
@@ -67,7 +87,7 @@ def test_student_is_the_teachers_first_layers_and_round_trips(prepared, tmp_path
     loaded, info = load_model(tmp_path / "s")
     assert loaded.config.projection_dim == 384 and info["kind"] == "student"
     assert loaded.config.id2label == dict(enumerate(data.labels))
-    b = batch_at(data.splits["dev"].tensors(), [0, 1, 2])
+    b = batch_at(data.splits["dev"], [0, 1, 2])
     student.eval(), loaded.eval()
     with torch.no_grad():
         a = student(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"])
@@ -79,7 +99,7 @@ def test_mtl_teacher_reads_each_examples_domain_head_and_mean_pooling_round_trip
     cfg, data, scores, _ = prepared
     teacher = build_teacher(cfg.model.teacher, data.labels, data.domains, pooling="mean", domain_heads=True).eval()
     assert teacher.classifier.out_features == len(data.labels) * len(data.domains)
-    b = batch_at(data.splits["dev"].tensors(), [0, 1, 2, 3])
+    b = batch_at(data.splits["dev"], [0, 1, 2, 3])
     b["domain_ids"] = torch.tensor([0, 1, 1, 0])
     with torch.no_grad():
         out = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"])
@@ -109,7 +129,7 @@ def test_attention_scores_hook_matches_eager_attention(prepared):
 
     eager = AutoModel.from_pretrained(str(teacher.encoder.name_or_path), attn_implementation="eager").eval()
     teacher.eval()
-    b = batch_at(data.splits["dev"].tensors(), [0, 1])
+    b = batch_at(data.splits["dev"], [0, 1])
     with torch.no_grad():
         ours = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"], internals=True)
         ref = eager(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
@@ -123,11 +143,10 @@ def test_attention_scores_hook_matches_eager_attention(prepared):
 def test_distill_student_without_ray(prepared, tmp_path, method):
     cfg, data, scores, teacher = prepared
     save_model(teacher, tmp_path / "teacher", {"kind": "meta"})
-    outputs = None
+    dd, signals = domain_data(cfg, data, "kitchen", scores), None
     if method != "no_kd":
-        outputs = load_file(compute_teacher_outputs(cfg, data, teacher, "kitchen", scores, True,
-                                                    tmp_path / "t.safetensors"))
-    out = distill_student(cfg, data, StudentJob(method, "kitchen"), tmp_path / "teacher", outputs)
+        dd, signals = teacher_signals(cfg, data, scores, teacher, "kitchen", True, tmp_path / "t")
+    out = distill_student(cfg, dd, StudentJob(method, "kitchen"), tmp_path / "teacher", signals)
     r = out["result"]
     assert 0.0 <= r["dev_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0
     assert r["steps"] == (12 if method == "meta_kd" else 6)  # 48 examples / batch 8, 1 epoch per stage
@@ -144,42 +163,66 @@ def test_unlabelled_rows_join_the_distilling_students_only(tiny_config, tmp_path
     plain = prepare(load_config(str(tiny_config())), quiet=True)
     cfg = load_config(str(tiny_config(distill={"unlabelled_per_domain": 8, "hard_label_weight": 1.0})))
     data = prepare(cfg, quiet=True)
-    assert data.key == plain.key and set(data.splits) == {"train", "dev", "test", "unlabelled"}
-    extra = data.splits["unlabelled"]
-    assert (extra.labels == -1).all() and np.bincount(extra.domain_ids).tolist() == [8, 8]
-    assert not set(extra.uids) & set(np.concatenate([plain.splits[s].uids for s in ("train", "dev", "test")]))
+    assert data.key == plain.key and not plain.transfer and set(data.transfer) == {"books", "kitchen"}
+    labelled = set(np.concatenate([plain.splits[s].uids for s in ("train", "dev", "test")]))
+    for domain, extra in data.transfer.items():
+        assert (extra.labels == -1).all() and len(extra) == 8 and (extra.domain_ids == data.domain_id(domain)).all()
+        assert not set(extra.uids) & labelled
 
     scores = compute_prototype_scores(cfg, data, quiet=True)
     teacher = build_teacher(cfg.model.teacher, data.labels, data.domains)
     save_model(teacher, tmp_path / "teacher", {"kind": "meta"})
-    outputs = load_file(compute_teacher_outputs(cfg, data, teacher, "kitchen", scores, True,
-                                                tmp_path / "t.safetensors"))
-    assert outputs["logits"].shape[0] == outputs["hidden.0"].shape[0] == 48 + 8
-    t, lam, logits = outputs["t"], outputs["lambda"], outputs["logits"]
+    dd, signals = teacher_signals(cfg, data, scores, teacher, "kitchen", True, tmp_path / "t")
+    assert len(signals) == len(dd.rows()) == 48 + 8
+    soft = signals.soft(np.arange(56))
+    t, lam, logits = soft["t"], soft["lambda"], soft["logits"]
     assert torch.allclose(t[48:], t[:48].mean().expand(8))
     assert torch.allclose(lam[48:], expertise_weight(logits[48:], logits[48:].argmax(-1), t[48:]))
 
-    kd = distill_student(cfg, data, StudentJob("meta_kd", "kitchen"), tmp_path / "teacher", outputs)
+    kd = distill_student(cfg, dd, StudentJob("meta_kd", "kitchen"), tmp_path / "teacher", signals)
     r = kd["result"]
     assert (r["train_examples"], r["unlabelled_examples"], r["steps"]) == (56, 8, 14)  # 56 // 8 per stage
     assert all(torch.isfinite(p).all() for p in kd["model"].parameters())  # hard-label CE skips the -1 rows
-    r = distill_student(cfg, data, StudentJob("no_kd", "kitchen"), None, None)["result"]
+    r = distill_student(cfg, dd, StudentJob("no_kd", "kitchen"), None, None)["result"]
     assert (r["train_examples"], r["unlabelled_examples"], r["steps"]) == (48, 0, 6)
 
 
-def test_uncached_path_gives_the_same_stage1_objective(prepared, tmp_path):
-    """Training without the fp16 cache (teacher in the loop) optimises the same loss."""
+def test_cached_and_live_teacher_signals_give_the_same_stage1(prepared, tmp_path):
+    """teacher_signals cache (fp16 hidden states of real tokens, attention recomputed from them) and
+    live (the teacher in the step) give the same stage-1 loss on the same batch, to fp16 rounding;
+    trained a few steps, the two students differ by far less than training moved them."""
+    from metakd_ray.distill import stage1_loss
+
     cfg, data, scores, teacher = prepared
     save_model(teacher, tmp_path / "teacher", {"kind": "meta"})
-    with_cache = compute_teacher_outputs(cfg, data, teacher, "books", scores, True, tmp_path / "a.safetensors")
-    without = compute_teacher_outputs(cfg, data, teacher, "books", scores, False, tmp_path / "b.safetensors")
-    assert "hidden.0" not in load_file(without)
+    dd, cached = teacher_signals(cfg, data, scores, teacher, "books", True, tmp_path / "cache")
+    _, soft_only = teacher_signals(cfg, data, scores, teacher, "books", False, tmp_path / "live")
+    assert not soft_only.has_internals and not (tmp_path / "live" / "hidden.npy").exists()
+    loaded, _ = load_model(tmp_path / "teacher")
+    live = LiveTargets(loaded, cfg.layer_map)
+    from_cache = CachedTargets(cached, loaded, cfg.layer_map, torch.device("cpu"))
+    student = build_student(cfg.model.teacher, "", 1, 384, data.labels, data.domains).eval()
+    index = np.array([3, 17, 8, 0, 25, 11, 40, 6])
+    b = batch_at(dd.rows(), index)
+    with torch.no_grad():
+        out = student(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["domain_ids"], internals=True)
+    lam = cached.soft(index)["lambda"]
+    got = {name: stage1_loss(cfg, student, b, out, targets(b, index, cached.soft(index)), lam, 0.5)
+           for name, targets in (("live", live), ("cache", from_cache))}
+    assert got["live"][0].item() > 0.1
+    assert got["cache"][0].item() == pytest.approx(got["live"][0].item(), rel=2e-3)
+    for term in ("hidden", "attention", "domain"):
+        assert got["cache"][1][term].item() == pytest.approx(got["live"][1][term].item(), rel=5e-3, abs=1e-6)
+
     job = StudentJob("meta_kd", "books")
     cfg.distill.stage2_epochs = 0.0001  # stage 1 only matters here
-    a = distill_student(cfg, data, job, tmp_path / "teacher", load_file(with_cache))["model"]
-    b = distill_student(cfg, data, job, tmp_path / "teacher", load_file(without))["model"]
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        assert torch.allclose(pa, pb, atol=5e-3), name
+    cfg.distill.stage1_lr = 1e-3
+    start = build_student(cfg.model.teacher, "", 1, 384, data.labels, data.domains)
+    a = distill_student(cfg, dd, job, tmp_path / "teacher", cached)["model"]
+    c = distill_student(cfg, dd, job, tmp_path / "teacher", soft_only)["model"]
+    moved = sum((pa - p0).pow(2).sum() for pa, p0 in zip(a.parameters(), start.parameters())).sqrt()
+    apart = sum((pa - pc).pow(2).sum() for pa, pc in zip(a.parameters(), c.parameters())).sqrt()
+    assert moved > 0.1 and apart < 0.02 * moved, (float(moved), float(apart))
 
 
 @pytest.mark.ray
@@ -227,8 +270,8 @@ def test_run_pipeline_results_agree_with_mlflow(ray_local, tiny_config, capsys):
             assert "MLmodel" in files and "input_example.json" in files
             assert (cfg.out / "students" / method / domain / "model" / "README.md").is_file()
     # one teacher pass per (teacher, domain); the multi-task teacher answers with each domain's own head
-    assert len(list((cfg.out / "teacher_outputs" / "meta").glob("*.safetensors"))) == 2
-    assert len(list((cfg.out / "teacher_outputs" / "mtl").glob("*.safetensors"))) == 2
+    assert len(list((cfg.out / "teacher_outputs" / "meta").glob("*/meta.json"))) == 2
+    assert len(list((cfg.out / "teacher_outputs" / "mtl").glob("*/meta.json"))) == 2
     assert load_model(cfg.out / "teachers" / "mtl" / "model")[0].config.domain_heads
     parent_metrics = client.get_run(parent).data.metrics
     assert parent_metrics["test_acc/meta-kd"] == pytest.approx(np.mean([r["test_acc"] for r in
@@ -249,7 +292,7 @@ def test_run_pipeline_results_agree_with_mlflow(ray_local, tiny_config, capsys):
     # pipeline give the labels the pipeline's own evaluation scored.
     student = cfg.out / "students" / "meta_kd" / "books" / "model"
     test_file = student.parent.parent.parent.parent / "books-test.jsonl"
-    rows = [r for r in pq.read_table(next((cfg.out / "cache").glob("data-*/test.parquet"))).to_pylist()
+    rows = [r for r in read_split(next((cfg.out / "cache").glob("data-*/test.arrow"))).table.to_pylist()
             if r["domain"] == "books"]
     test_file.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in rows))
     capsys.readouterr()
@@ -280,7 +323,7 @@ def test_multi_teacher_student_reads_every_single_domain_teacher(ray_local, tiny
     assert set(results["teacher"]) == {"single"}
     # each domain's teacher answered on both domains' training data: 2 teachers x 2 domains
     for name in ("single-books", "single-kitchen"):
-        assert sorted(p.name.split("-")[0] for p in (cfg.out / "teacher_outputs" / name).glob("*.safetensors")) == [
+        assert sorted(p.name.split("-")[0] for p in (cfg.out / "teacher_outputs" / name).iterdir()) == [
             "books", "kitchen"]
 
 
@@ -366,7 +409,7 @@ def test_general_distillation_learns_and_students_start_from_it(tiny_config, tmp
     student = build_student(cfg.model.teacher, "general", 1, 384, data.labels, data.domains,
                             general=tmp_path / "general").eval()
     trained = out["model"].eval()
-    b = batch_at(data.splits["dev"].tensors(), [0, 1, 2])
+    b = batch_at(data.splits["dev"], [0, 1, 2])
     with torch.no_grad():
         a = student(b["input_ids"], b["attention_mask"], b["token_type_ids"], internals=True)
         c = trained(b["input_ids"], b["attention_mask"], b["token_type_ids"], internals=True)

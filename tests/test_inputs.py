@@ -47,10 +47,10 @@ def test_prepare_amazon_paper_protocol(tmp_path, capsys, monkeypatch):
 
     # a second prepare with the same inputs re-tokenizes nothing
     cache = next((tmp_path / "cache").glob("data-*"))
-    mtime = (cache / "train.parquet").stat().st_mtime_ns
+    mtime = (cache / "train.arrow").stat().st_mtime_ns
     code, out, _ = run_cli(capsys, "prepare", "amazon", f"output_dir={tmp_path}")
     assert code == 0 and "reusing tokenized splits" in out
-    assert (cache / "train.parquet").stat().st_mtime_ns == mtime
+    assert (cache / "train.arrow").stat().st_mtime_ns == mtime
     # a different max length is a different cache entry
     code, out, _ = run_cli(capsys, "prepare", "amazon", f"output_dir={tmp_path}", "data.max_length=64")
     assert code == 0 and "tokenized" in out and len(list((tmp_path / "cache").glob("data-*"))) == 2
@@ -61,10 +61,10 @@ def test_prepare_mnli_groups_by_premise(tmp_path, capsys, monkeypatch):
     code, _, _ = run_cli(capsys, "prepare", "mnli", f"output_dir={tmp_path}", "data.domains=[fiction,travel]",
                          "data.max_length=64")
     assert code == 0
-    import pyarrow.parquet as pq
+    from metakd_ray.data.split import read_split
 
     cache = next((tmp_path / "cache").glob("data-*"))
-    premises = {s: set(pq.read_table(cache / f"{s}.parquet").column("text").to_pylist())
+    premises = {s: set(read_split(cache / f"{s}.arrow").table.column("text").to_pylist())
                 for s in ("train", "dev", "test")}
     assert not premises["train"] & premises["test"] and not premises["train"] & premises["dev"]
     counts = json.loads((tmp_path / "splits.json").read_text())["counts"]
@@ -101,11 +101,9 @@ def test_general_corpus_adds_unlabelled_training_text_only(tmp_path, monkeypatch
     assert (extra.labels == -1).all() and np.bincount(extra.domain_ids).tolist() == [50, 50]
     assert len(set(extra.uids)) == 100
     assert not set(extra.uids) & set(np.concatenate([s.uids for s in data.splits.values()]))
-    assert corpus.input_ids.shape[1] <= 32 and (corpus.attention_mask.sum(1) > 2).all()
-    # the first rows' tokens are the training split's, padded on the right
-    width = train.input_ids.shape[1]
-    assert (corpus.input_ids[:len(train), :width] == train.input_ids).all()
-    assert not corpus.input_ids[:len(train), width:].any()
+    assert corpus.lengths.max() <= 32 and (corpus.lengths > 2).all()
+    # the first rows' tokens are the training split's
+    assert all((corpus.tokens(i) == train.tokens(i)).all() for i in range(len(train)))
 
 
 def test_generic_csv_loader(tmp_path, capsys):
@@ -355,3 +353,89 @@ def test_cli_exit_code_through_console_script(tmp_path):
                           capture_output=True, text=True, env=dict(os.environ))
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: config key 'teacher.lr': expected a value > 0, got -1.0"
+
+
+# --------------------------------------------------------------------------- data.unlabelled_path
+
+
+def _reviews_config(tmp_path, tiny_amazon, unlabelled: str, **distill) -> str:
+    lines = [f"output_dir: {tmp_path / 'out'}", "data:", f"  root: {tmp_path}", f"  path: {tiny_amazon}",
+             "  domains: [books, kitchen]", "  max_length: 32", "  max_train_per_domain: 40",
+             f"  unlabelled_path: '{unlabelled}'"]
+    lines += ["distill:"] + [f"  {k}: {v}" for k, v in distill.items()] if distill else []
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("\n".join(lines) + "\n")
+    return str(cfg)
+
+
+def _real_texts(domain: str, n: int, start: int = 0) -> list[str]:
+    from metakd_ray.data.amazon import parse_review_file
+
+    return parse_review_file(AMAZON / domain / "positive.review")[start:start + n]
+
+
+@pytest.mark.parametrize("fmt", ["txt", "csv", "jsonl", "parquet"])
+def test_unlabelled_path_reads_each_format_into_the_transfer_set(tmp_path, capsys, tiny_amazon, fmt):
+    """Real reviews the labelled slice does not hold (reviews 100+ of each file) as the transfer set:
+    one Arrow file per domain, labels -1, every row tokenized; splits.json counts them."""
+    import pandas as pd
+
+    from metakd_ray.data.prepare import prepare
+
+    texts = {"books": _real_texts("books", 30, 100), "kitchen": _real_texts("kitchen", 20, 100)}
+    frame = pd.DataFrame([{"text": t, "domain": d} for d, ts in texts.items() for t in ts])
+    if fmt == "txt":  # a directory of <domain>.txt, one text per line
+        target = tmp_path / "more"
+        target.mkdir()
+        for d, ts in texts.items():
+            (target / f"{d}.txt").write_text("\n".join(t.replace("\n", " ") for t in ts) + "\n\n")
+    else:
+        target = tmp_path / f"more.{fmt}"
+        {"csv": lambda: frame.to_csv(target, index=False),
+         "jsonl": lambda: frame.to_json(target, orient="records", lines=True),
+         "parquet": lambda: frame.to_parquet(target)}[fmt]()
+    config = _reviews_config(tmp_path, tiny_amazon, target.name)
+    code, out, err = run_cli(capsys, "prepare", config)
+    assert code == 0, err
+    counts = json.loads((tmp_path / "out" / "splits.json").read_text())["counts"]
+    assert counts["books"]["unlabelled"]["total"] == 30 and counts["kitchen"]["unlabelled"]["total"] == 20
+    assert "transfer set from" in out
+    data = prepare(load_config(config), quiet=True)
+    books = data.transfer["books"]
+    assert (books.labels == -1).all() and (books.domain_ids == data.domain_id("books")).all()
+    assert (books.lengths > 2).all() and books.lengths.max() <= 32
+    written = [t.replace("\n", " ") if fmt == "txt" else t for t in texts["books"]]
+    assert set(books.table.column("text").to_pylist()) == {t.strip() for t in written}
+
+
+def test_unlabelled_path_leaves_out_dev_and_test_texts_and_joins_the_training_remainder(tmp_path, tiny_amazon):
+    from metakd_ray.data.prepare import prepare
+
+    data = prepare(load_config(_reviews_config(tmp_path, tiny_amazon, "")), quiet=True)
+    dev_text = data.splits["dev"].for_domains([0]).table.column("text").to_pylist()[:3]
+    rows = [{"text": t, "domain": "books"} for t in dev_text + _real_texts("books", 5, 100)]
+    (tmp_path / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(_reviews_config(tmp_path, tiny_amazon, "more.jsonl", unlabelled_per_domain=4))
+    data = prepare(cfg, quiet=True)
+    texts = data.transfer["books"].table.column("text").to_pylist()
+    assert len(texts) == 4 + 5 and not set(dev_text) & set(texts)  # 4 of the training remainder, then the file's 5
+    assert len(data.transfer["kitchen"]) == 4 and data.transfer_key
+
+
+@pytest.mark.parametrize("name, content, needles", [
+    ("more.jsonl", '{"text": "fine", "domain": "books"}\n{"text": "broken\n', ["more.jsonl line 2", "not valid JSON"]),
+    ("more.jsonl", '{"text": "fine", "domain": "books"}\n{"text": "", "domain": "books"}\n',
+     ["more.jsonl line 2", "empty"]),
+    ("more.csv", "text,domain\nfine,books\nalso fine,garden\n", ["more.csv line 3", "'garden'", "data.domains"]),
+    ("more.csv", "body,domain\nfine,books\n", ["more.csv", "missing column", "'text'"]),
+    ("more.parquet", None, ["more.parquet", "cannot be read as parquet"]),
+    ("more.xml", "<a/>", ["more.xml", "unknown type"]),
+    ("missing.jsonl", "", ["missing.jsonl", "not found"]),
+])
+def test_bad_unlabelled_rows_are_one_error_line(tmp_path, capsys, tiny_amazon, name, content, needles):
+    if content is not None and name != "missing.jsonl":
+        (tmp_path / name).write_text(content)
+    elif name.endswith(".parquet"):
+        (tmp_path / name).write_bytes(b"not parquet at all")
+    code, _, err = run_cli(capsys, "prepare", _reviews_config(tmp_path, tiny_amazon, name))
+    assert_one_error(code, err, *needles)

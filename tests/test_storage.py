@@ -2,17 +2,19 @@
 happens when a cached file is damaged (an interrupted copy, a full disk)."""
 
 import json
+import shutil
 
+import numpy as np
 import pytest
-from safetensors.torch import load_file
 
 from metakd_ray.config import load_config
 from metakd_ray.data.prepare import prepare
-from metakd_ray.distill import teacher_outputs_task
+from metakd_ray.distill import domain_data, teacher_outputs_task
 from metakd_ray.io import atomic_write_json
 from metakd_ray.models import build_teacher, save_model
 from metakd_ray.outputs import COMPLETE, Store, teacher_dir, teacher_outputs_path
 from metakd_ray.prototypes import compute_prototype_scores
+from metakd_ray.signals import TeacherSignals
 
 
 def _truncate(path, keep: float = 0.5):
@@ -50,7 +52,7 @@ def test_store_of_config_names_the_output_directory(tiny_config, tmp_path):
     assert Store.of(load_config(str(tiny_config()))) is None
 
 
-@pytest.mark.parametrize("damaged", ["test.parquet", "meta.json"])
+@pytest.mark.parametrize("damaged", ["test.arrow", "meta.json"])
 def test_damaged_token_cache_is_rebuilt(tiny_config, capsys, damaged):
     cfg = load_config(str(tiny_config()))
     first = prepare(cfg, quiet=True)
@@ -79,21 +81,31 @@ def test_damaged_teacher_outputs_are_rebuilt_and_a_node_without_them_fetches_the
     directory = teacher_dir(cfg, "meta")
     save_model(build_teacher(cfg.model.teacher, data.labels, data.domains), directory / "model", {"kind": "meta"})
     atomic_write_json(directory / "result.json", {"key": "k1"})
-    path = teacher_outputs_path(cfg, "k1", "meta", "books")
-    teacher_outputs_task(cfg, data, "meta", "k1", "books", scores, str(path))
-    good = load_file(path)
+    dd = domain_data(cfg, data, "books", scores)
+    path = teacher_outputs_path(cfg, data, "k1", "meta", "books", True)
+
+    def logits():
+        signals = TeacherSignals(path)
+        try:
+            return signals.soft(np.arange(len(signals)))["logits"]
+        finally:
+            signals.close()
+
+    teacher_outputs_task(cfg, dd, "meta", "k1", str(path), True)
+    good = logits()
     stored = tmp_path / "storage" / cfg.out.name / path.relative_to(cfg.out)
-    assert stored.is_file()  # written to storage for the other nodes
+    assert (stored / COMPLETE).is_file()  # written to storage for the other nodes
 
-    _truncate(path)
-    teacher_outputs_task(cfg, data, "meta", "k1", "books", scores, str(path))
+    _truncate(path / "hidden.npy")
+    teacher_outputs_task(cfg, dd, "meta", "k1", str(path), True)
     assert "damaged" in capsys.readouterr().out
-    assert load_file(path)["logits"].equal(good["logits"])  # fetched back from storage
+    assert logits().equal(good)  # fetched back from storage
 
-    path.unlink()
-    _truncate(stored)
-    teacher_outputs_task(cfg, data, "meta", "k1", "books", scores, str(path))  # storage copy damaged too
-    assert load_file(path)["logits"].allclose(good["logits"])  # recomputed from the teacher
+    shutil.rmtree(path)
+    _truncate(stored / "soft.npy")
+    teacher_outputs_task(cfg, dd, "meta", "k1", str(path), True)  # storage copy damaged too
+    assert "damaged" in capsys.readouterr().out
+    assert logits().allclose(good)  # recomputed from the teacher
 
 
 def test_a_damaged_checkpoint_is_passed_over_on_resume(tmp_path, capsys):

@@ -7,68 +7,50 @@
    seed (``data.split_seed``); formats with ``group_by_text`` (MNLI) keep every row of one
    premise in one split instead,
 3. optionally subsamples each split (the quickstart keeps a few hundred reviews per domain),
-4. tokenizes and caches the splits as parquet, keyed by a hash of the data files' bytes, the
-   tokenizer, the max length and the split settings, so a second run re-tokenizes nothing.
+4. tokenizes in chunks and writes each split as an Arrow IPC file (``metakd_ray.data.split``:
+   ragged int32 token ids, memory-mapped when read), keyed by a hash of the data files' bytes,
+   the tokenizer, the max length and the split settings, so a second run re-tokenizes nothing,
+5. with ``distill.unlabelled_per_domain`` or ``data.unlabelled_path``, builds the distilling
+   students' transfer set: one file per domain, written as it is tokenized.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from metakd_ray.config import DATA_ROOT_ENV, Config, model_path
 from metakd_ray.data import FORMATS
+from metakd_ray.data.split import SCHEMA, Split, SplitWriter, concat, read_split
 from metakd_ray.errors import MetaKDError
-from metakd_ray.io import (atomic_dir, atomic_file, atomic_write_text, content_key, file_sha256, read_json,
-                           read_parquet, text_table)
+from metakd_ray.io import atomic_dir, atomic_file, atomic_write_text, content_key, file_sha256, read_json, text_table
 
 SPLITS = ("train", "dev", "test")
-
-
-@dataclass
-class Split:
-    """One tokenized split as padded numpy arrays (row i of every array is one example)."""
-
-    input_ids: np.ndarray  # [N, L] int64, 0-padded
-    attention_mask: np.ndarray  # [N, L] int64
-    token_type_ids: np.ndarray  # [N, L] int64
-    labels: np.ndarray  # [N] int64
-    domain_ids: np.ndarray  # [N] int64 (index into PreparedData.domains)
-    uids: np.ndarray  # [N] str, stable across runs: "<domain>/<sha1 of text>"
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def take(self, index) -> "Split":
-        index = np.asarray(index)
-        return Split(*(getattr(self, f)[index] for f in Split.__dataclass_fields__))
-
-    def for_domains(self, domain_ids) -> "Split":
-        return self.take(np.flatnonzero(np.isin(self.domain_ids, list(domain_ids))))
-
-    def tensors(self) -> dict:
-        import torch
-
-        return {f: torch.tensor(getattr(self, f)) for f in ("input_ids", "attention_mask", "token_type_ids",
-                                                                  "labels", "domain_ids")}
+CHUNK = 4096  # rows tokenized and written at a time
+CACHE_FORMAT = "arrow-1"  # part of the cache key: a cache in an older layout is rebuilt
 
 
 @dataclass
 class PreparedData:
-    splits: dict[str, Split]
+    splits: dict[str, Split]  # train / dev / test, memory-mapped
     domains: list[str]
     labels: list[str]
     key: str  # cache key: identifies data + tokenizer + split settings
     directory: Path
+    # the distilling students' unlabelled text, per domain (``transfer_set``); empty without one
+    transfer: dict[str, Split] = field(default_factory=dict)
+    transfer_key: str = ""  # what the transfer set was made from ("" without one)
 
     def domain_id(self, name: str) -> int:
         return self.domains.index(name)
+
+    def split_path(self, name: str) -> Path:
+        return self.directory / f"{name}.arrow"
 
 
 # --------------------------------------------------------------------------- loading
@@ -79,8 +61,10 @@ def load_rows(cfg: Config) -> tuple[list[dict], list[Path]]:
     fmt = FORMATS[cfg.data.format]
     root = cfg.data_path
     if fmt.local and not root.exists():
-        raise MetaKDError(f"data path {root} not found: set data.root (or ${DATA_ROOT_ENV}) and data.path "
-                          f"to where your copy of the data is")
+        fetch = {"amazon": "`metakd-ray data fetch amazon`",
+                 "mnli_tsv": "`metakd-ray data fetch mnli` (then data.path=multinli)"}.get(cfg.data.format)
+        raise MetaKDError(f"data path {root} not found: " + (f"get the data with {fetch}, or set" if fetch else "set")
+                          + f" data.root (or ${DATA_ROOT_ENV}) and data.path to where your copy is")
     return fmt.load(root, cfg.data, cfg.label_names)
 
 
@@ -176,7 +160,7 @@ def stratified_take(labels: np.ndarray, index: np.ndarray, k: int, rng) -> np.nd
 
 def prepare(cfg: Config, quiet: bool = False) -> PreparedData:
     """Load, split and tokenize (or reuse the cache); write ``splits.json`` to the output dir. With
-    ``distill.unlabelled_per_domain`` > 0 the data also holds an ``unlabelled`` split."""
+    ``distill.unlabelled_per_domain`` or ``data.unlabelled_path`` the data also holds a transfer set."""
     rows, files = load_rows(cfg)
     tokenizer_path = model_path(cfg.model.teacher)
     key = _cache_key(cfg, files, tokenizer_path)
@@ -187,17 +171,17 @@ def prepare(cfg: Config, quiet: bool = False) -> PreparedData:
         tokenizer = load_tokenizer(tokenizer_path)
         with atomic_dir(directory) as tmp:
             for name in SPLITS:
-                pq.write_table(_encode(split[name], tokenizer, cfg), tmp / f"{name}.parquet")
+                write_rows(tmp / f"{name}.arrow", split[name], tokenizer, cfg)
             atomic_write_text(tmp / "meta.json", json.dumps({"key": key, "domains": cfg.data.domains,
-                                                            "labels": cfg.label_names}))
+                                                            "labels": cfg.label_names,
+                                                            "rows": {n: len(split[n]) for n in SPLITS}}))
         data = load_prepared(directory)
         if not quiet:
             print(f"[prepare] tokenized {sum(len(v) for v in split.values())} examples -> {directory}")
     elif not quiet:
         print(f"[prepare] reusing tokenized splits from {directory}")
-    transfer = unlabelled_split(cfg, data, cfg.distill.unlabelled_per_domain)
-    if transfer is not None:  # the distilling students' extra, teacher-labelled text
-        data.splits["unlabelled"] = transfer
+    del rows
+    data.transfer, data.transfer_key = transfer_set(cfg, data, quiet)
     counts = split_counts(data)
     atomic_write_text(cfg.out / "splits.json", json.dumps(counts, indent=2))
     if not quiet:
@@ -208,32 +192,31 @@ def prepare(cfg: Config, quiet: bool = False) -> PreparedData:
 def load_prepared(directory: Path) -> PreparedData | None:
     """The cached tokenized splits, or None when they are missing or any file is damaged."""
     meta = read_json(directory / "meta.json")
-    tables = {name: read_parquet(directory / f"{name}.parquet") for name in SPLITS} if meta else {}
-    if not meta or any(t is None for t in tables.values()):
+    if not meta:
         return None
-    domains, labels = meta["domains"], meta["labels"]
-    splits = {name: _split_of(table, domains) for name, table in tables.items()}
-    return PreparedData(splits=splits, domains=domains, labels=labels, key=meta["key"], directory=directory)
+    splits = {}
+    for name in SPLITS:
+        split = open_split(directory / f"{name}.arrow", meta.get("rows", {}).get(name))
+        if split is None:
+            return None
+        splits[name] = split
+    return PreparedData(splits=splits, domains=meta["domains"], labels=meta["labels"], key=meta["key"],
+                        directory=directory)
 
 
-def _split_of(table: pa.Table, domains: list[str]) -> Split:
-    """A tokenized table as arrays padded to its longest row."""
-    ids = table.column("input_ids").to_pylist()
-    types_ = table.column("token_type_ids").to_pylist()
-    width = max(len(x) for x in ids)
-    input_ids = np.zeros((len(ids), width), dtype=np.int64)
-    token_type_ids = np.zeros_like(input_ids)
-    attention_mask = np.zeros_like(input_ids)
-    for i, (seq, tt) in enumerate(zip(ids, types_)):
-        input_ids[i, : len(seq)] = seq
-        token_type_ids[i, : len(seq)] = tt
-        attention_mask[i, : len(seq)] = 1
-    return Split(
-        input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-        labels=np.array(table.column("label").to_pylist(), dtype=np.int64),
-        domain_ids=np.array([domains.index(d) for d in table.column("domain").to_pylist()], dtype=np.int64),
-        uids=np.array(table.column("uid").to_pylist()),
-    )
+def open_split(path: Path, rows: int | None = None) -> Split | None:
+    """The split in ``path`` memory-mapped, or None when it is missing, damaged or not ``rows`` long."""
+    if not path.is_file():
+        return None
+    try:
+        split = read_split(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        print(f"[cache] {path} is damaged ({str(exc).splitlines()[0][:120]}); rebuilding it", flush=True)
+        return None
+    if rows is not None and len(split) != rows:
+        print(f"[cache] {path} is damaged ({len(split)} rows, expected {rows}); rebuilding it", flush=True)
+        return None
+    return split
 
 
 def general_corpus(cfg: Config, data: PreparedData) -> Split:
@@ -242,7 +225,7 @@ def general_corpus(cfg: Config, data: PreparedData) -> Split:
     training partition (``unlabelled_split``). Labels are never read (the extra rows have none)."""
     train = data.splits["train"]
     more = unlabelled_split(cfg, data, cfg.general.unlabelled_per_domain)
-    return concatenated(train, more) if more is not None else train
+    return concat(train, more) if more is not None else train
 
 
 def unlabelled_split(cfg: Config, data: PreparedData, per_domain: int) -> Split | None:
@@ -251,33 +234,39 @@ def unlabelled_split(cfg: Config, data: PreparedData, per_domain: int) -> Split 
     like the splits and cached beside them; None when there are none."""
     if not per_domain:
         return None
-    path = data.directory / f"unlabelled-{per_domain}.parquet"
-    table = read_parquet(path)
-    if table is None:
+    path = data.directory / f"unlabelled-{per_domain}.arrow"
+    split = open_split(path)
+    if split is None:
         rows, _ = load_rows(cfg)
         extra = split_rows(rows, cfg, per_domain)["unlabelled"]
+        del rows
         if not extra:
             return None
-        table = _encode(extra, load_tokenizer(model_path(cfg.model.teacher)), cfg)
         with atomic_file(path) as tmp:
-            pq.write_table(table, tmp)
-    return _split_of(table, data.domains)
+            write_rows(tmp, extra, load_tokenizer(model_path(cfg.model.teacher)), cfg)
+        split = read_split(path)
+    return split
 
 
-def concatenated(first: Split, second: Split) -> Split:
-    """The rows of ``first`` then those of ``second``, padded to a common width."""
-    width = max(first.input_ids.shape[1], second.input_ids.shape[1])
-    first, second = _padded(first, width), _padded(second, width)
-    return Split(*(np.concatenate([getattr(first, f), getattr(second, f)]) for f in Split.__dataclass_fields__))
+def transfer_set(cfg: Config, data: PreparedData, quiet: bool = True) -> tuple[dict[str, Split], str]:
+    """The distilling students' transfer set per domain, and a key of what it was made from: up to
+    ``distill.unlabelled_per_domain`` texts of the training partition that ``data.max_train_per_domain``
+    left out, then every text of the domain in ``data.unlabelled_path`` (``metakd_ray.data.unlabelled``).
+    Labels are -1; the teachers and the labelled splits are unaffected."""
+    parts: dict[str, list[Split]] = {d: [] for d in data.domains}
+    remainder = unlabelled_split(cfg, data, cfg.distill.unlabelled_per_domain)
+    if remainder is not None:
+        for d_id, domain in enumerate(data.domains):
+            parts[domain].append(remainder.for_domains([d_id]))
+    user_key = ""
+    if cfg.data.unlabelled_path:
+        from metakd_ray.data.unlabelled import user_transfer_set
 
-
-def _padded(split: Split, width: int) -> Split:
-    """``split`` with its token arrays zero-padded on the right to ``width`` columns."""
-    pad = width - split.input_ids.shape[1]
-    if pad == 0:
-        return split
-    wide = {f: np.pad(getattr(split, f), ((0, 0), (0, pad))) for f in ("input_ids", "attention_mask", "token_type_ids")}
-    return Split(**wide, labels=split.labels, domain_ids=split.domain_ids, uids=split.uids)
+        user_key, splits = user_transfer_set(cfg, data, quiet)
+        for domain, split in splits.items():
+            parts[domain].append(split)
+    transfer = {d: concat(*p) if len(p) > 1 else p[0] for d, p in parts.items() if sum(len(s) for s in p)}
+    return transfer, (content_key(cfg.distill.unlabelled_per_domain, user_key) if transfer else "")
 
 
 def load_tokenizer(path: str):
@@ -304,8 +293,15 @@ def head_tail(ids: list[int], max_length: int) -> list[int]:
     return list(ids[:1 + head]) + list(ids[len(ids) - 1 - tail:])
 
 
-def _encode(rows: list[dict], tokenizer, cfg: Config) -> pa.Table:
-    """Rows tokenized as one parquet-ready table (uid, domain, label, text, text_pair, token ids)."""
+def write_rows(path: Path, rows: list[dict], tokenizer, cfg: Config) -> None:
+    """``rows`` tokenized ``CHUNK`` at a time into the Arrow IPC file ``path``."""
+    with SplitWriter(path) as writer:
+        for start in range(0, len(rows), CHUNK):
+            writer.write(encode(rows[start:start + CHUNK], tokenizer, cfg))
+
+
+def encode(rows: list[dict], tokenizer, cfg: Config) -> pa.RecordBatch:
+    """Rows (``text``, ``text_pair``, ``label``, ``domain``) tokenized as one record batch of ``SCHEMA``."""
     texts = [r["text"] for r in rows]
     pairs = [r["text_pair"] for r in rows]
     has_pairs = any(pairs)
@@ -315,18 +311,22 @@ def _encode(rows: list[dict], tokenizer, cfg: Config) -> pa.Table:
     else:
         enc = tokenizer(texts, pairs if has_pairs else None, truncation=True, max_length=cfg.data.max_length)
     token_types = enc.get("token_type_ids") or [[0] * len(x) for x in enc["input_ids"]]
-    # A row's id survives re-splitting and re-tokenizing: its domain and a hash of its text.
-    uids = [f"{r['domain']}/{hashlib.sha1((r['text'] + chr(9) + r['text_pair']).encode()).hexdigest()[:16]}"
-            for r in rows]
-    return pa.table({
-        "uid": uids,
+    domains = cfg.data.domains
+    return pa.record_batch({
+        "uid": [row_uid(r["domain"], r["text"], r["text_pair"]) for r in rows],
         "domain": [r["domain"] for r in rows],
+        "domain_id": pa.array([domains.index(r["domain"]) for r in rows], pa.int64()),
         "label": pa.array([r["label"] for r in rows], pa.int64()),
         "text": texts,
         "text_pair": pairs,
         "input_ids": pa.array(enc["input_ids"], pa.list_(pa.int32())),
         "token_type_ids": pa.array(token_types, pa.list_(pa.int8())),
-    })
+    }, schema=SCHEMA)
+
+
+def row_uid(domain: str, text: str, pair: str) -> str:
+    """A row's id survives re-splitting and re-tokenizing: its domain and a hash of its text."""
+    return f"{domain}/{hashlib.sha1((text + chr(9) + pair).encode()).hexdigest()[:16]}"
 
 
 def _cache_key(cfg: Config, files: list[Path], tokenizer_path: str) -> str:
@@ -335,26 +335,43 @@ def _cache_key(cfg: Config, files: list[Path], tokenizer_path: str) -> str:
     tok_dir = Path(tokenizer_path)
     tokenizer = ([file_sha256(tok_dir / n) for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
                   if (tok_dir / n).is_file()] if tok_dir.exists() else [tokenizer_path])
-    # Every data setting changes the splits except target_fraction and held_out_domain, applied later.
+    # Every data setting changes the splits except those applied later.
     settings = {k: v for k, v in cfg.to_dict()["data"].items() if k not in ("root", "path", "target_fraction",
-                                                                              "held_out_domain")}
-    return content_key(data_files, tokenizer, cfg.label_names, settings)
+                                                                              "held_out_domain", "unlabelled_path")}
+    return content_key(data_files, tokenizer, cfg.label_names, settings, CACHE_FORMAT)
 
 
-def subsample_fraction(split: Split, fraction: float, seed: int) -> Split:
-    """Keep ``fraction`` of a (single-domain) split, label-stratified (data-scarcity setting)."""
+def subsample_fraction(split: Split, fraction: float, seed: int) -> np.ndarray:
+    """Rows of a (single-domain) split to keep for ``data.target_fraction`` (data scarcity),
+    label-stratified and in split order."""
     if fraction >= 1.0:
-        return split
+        return np.arange(len(split))
     k = max(len(np.unique(split.labels)), int(round(len(split) * fraction)))
-    index = stratified_take(split.labels, np.arange(len(split)), k, np.random.default_rng(seed))
-    return split.take(np.sort(index))
+    return np.sort(stratified_take(split.labels, np.arange(len(split)), k, np.random.default_rng(seed)))
+
+
+def eval_sample(split: Split, per_domain: int, seed: int) -> Split:
+    """At most ``per_domain`` rows of each domain of ``split`` (label-stratified, fixed by ``seed``):
+    what training scores every few steps, so an evaluation costs the same whatever the dev set's size."""
+    if not per_domain:
+        return split
+    keep = []
+    rng = np.random.default_rng(seed)
+    for d in np.unique(split.domain_ids):
+        rows = np.flatnonzero(split.domain_ids == d)
+        keep.append(stratified_take(split.labels, rows, per_domain, rng) if len(rows) > per_domain else rows)
+    keep = np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+    return split if len(keep) == len(split) else split.take(keep)
 
 
 # --------------------------------------------------------------------------- reporting
 
 
 def split_counts(data: PreparedData) -> dict:
-    """{domain: {split: {label: count, "total": n}}} plus a leakage check across splits."""
+    """{domain: {split: {label: count, "total": n}}} (and the transfer set's size as "unlabelled"),
+    plus a leakage check across the labelled splits."""
+    import pyarrow.compute as pc
+
     counts = {}
     for d_id, domain in enumerate(data.domains):
         counts[domain] = {}
@@ -363,15 +380,17 @@ def split_counts(data: PreparedData) -> dict:
             per = {lab: int((labels == i).sum()) for i, lab in enumerate(data.labels)}
             per["total"] = int(len(labels))
             counts[domain][name] = per
-    uid_sets = [set(s.uids) for s in data.splits.values()]
-    overlap = sum(len(a & b) for i, a in enumerate(uid_sets) for b in uid_sets[i + 1:])
+        if data.transfer:
+            counts[domain]["unlabelled"] = {"total": len(data.transfer.get(domain, ()))}
+    uids = [s.table.column("uid").combine_chunks() for s in data.splits.values()]
+    overlap = sum(pc.sum(pc.is_in(a, value_set=b)).as_py() or 0 for i, a in enumerate(uids) for b in uids[i + 1:])
     return {"domains": data.domains, "labels": data.labels, "cache_key": data.key,
             "counts": counts, "texts_in_two_splits": overlap}
 
 
 def format_counts(summary: dict) -> str:
     labels = summary["labels"]
-    rows = [[domain, name, per["total"]] + [per[lab] for lab in labels]
+    rows = [[domain, name, per["total"]] + [per.get(lab, "") for lab in labels]
             for domain, per_split in summary["counts"].items() for name, per in per_split.items()]
     table = text_table(["domain", "split", "total"] + [lab[:12] for lab in labels], rows,
                        [14, 11, 7] + [14] * len(labels), left=2)
