@@ -115,6 +115,7 @@ def write_config(n: int, mode: str, out: Path) -> Path:
         "tracking": {"experiment": f"scale-{n}-{mode}"},
     }
     path = out.parent / f"{out.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
     return path
 

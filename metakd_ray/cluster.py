@@ -111,9 +111,12 @@ def memory_reservation(cfg: Config, kind: str) -> int:
     it never packs more of them on a node than its RAM holds: the configured GB, else an estimate
     from the teacher's size (P fp32 bytes of weights) and one batch's activations (A bytes):
 
-        teacher worker   1 GB + 5P + A_teacher      (weights, gradients, two Adam moments, a checkpoint)
-        student / general task   1 GB + 6P + A_student   (the teacher or its query/key layers, the student
-                                                    with gradients, Adam and its kept best states)
+        teacher worker   1 GB + 6P + A_teacher      (weights, gradients, two Adam moments, a checkpoint,
+                                                    DDP's buckets)
+        student / general task   1 GB + 12P + A_student  (the teacher, the student with gradients, Adam, its
+                                                    kept best states and the files it sends back)
+
+    (the factors cover the peaks ``bench/scale.py`` measures, with the student no larger than its teacher)
 
     A = batch · max_length · layers · (68·H + 10·heads·max_length) bytes, the activations a
     training step keeps for its backward pass (fp32)."""
@@ -125,10 +128,10 @@ def memory_reservation(cfg: Config, kind: str) -> int:
     weights = _weight_bytes(cfg.model.teacher, arch)
     length = cfg.data.max_length
     if kind == "teacher":
-        batch, layers, width, factor = cfg.teacher.batch_size // cfg.teacher.num_workers, arch.layers, arch.width, 5
+        batch, layers, width, factor = cfg.teacher.batch_size // cfg.teacher.num_workers, arch.layers, arch.width, 6
     else:
         batch = cfg.distill.batch_size if kind == "student" else cfg.general.batch_size
-        layers, width, factor = cfg.model.student_layers, cfg.student_width, 6
+        layers, width, factor = cfg.model.student_layers, cfg.student_width, 12
     activations = batch * length * layers * (68 * width + 10 * arch.heads * length)
     return int(PROCESS_BYTES + factor * weights + activations)
 
