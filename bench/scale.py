@@ -7,7 +7,7 @@ Each point is one whole `metakd-ray run` of a fresh output directory on a local 
 this benchmark starts (and stops), on the shipped MultiNLI text: two genres, N/2 labelled pairs per
 genre for the teacher and the students and N/2 more as the students' transfer set
 (`data.unlabelled_path`), so a student reads N texts; pairs are repeated with a numbered suffix to
-reach N. Stage 1 runs 2 epochs, so `auto` caches the teacher's hidden states while they fit
+reach N. Stage 1 runs 1.1 epochs (stage 2 a quarter, batch 64), so `auto` caches the teacher's hidden states while they fit
 `distill.cache_budget_gb` (2 GB) and runs the teacher live past it. Models: the first 2 layers of
 MiniLM-L6 as the teacher, a 1-layer student (the cost per text of the shipped presets' MiniLM-L6 ->
 2 layers is about 3x, the bytes per text of a cache 5/3x); 128 tokens.
@@ -110,7 +110,7 @@ def write_config(n: int, mode: str, out: Path) -> Path:
                  "max_length": 128},
         "model": {"teacher": str(tiny_teacher()), "student_layers": 1, "pooling": "mean"},
         "teacher": {"epochs": 0.25, "batch_size": 32, "lr": 5e-5, "eval_every": 100, "num_workers": 2},
-        "distill": {"methods": ["meta_kd"], "stage1_epochs": 2, "stage2_epochs": 0.5, "batch_size": 32,
+        "distill": {"methods": ["meta_kd"], "stage1_epochs": 1.1, "stage2_epochs": 0.25, "batch_size": 64,
                     "eval_every": 200, "teacher_signals": mode},
         "tracking": {"experiment": f"scale-{n}-{mode}"},
     }
@@ -397,7 +397,7 @@ def main() -> None:
     analysis = analyse(points)
     setup = (f"`bench/scale.py --sizes {' '.join(map(str, args.sizes))} --modes {' '.join(args.modes)}`: "
              f"{len(GENRES)} MultiNLI genres, N/2 labelled + N/2 unlabelled (data.unlabelled_path) pairs per genre, "
-             "a 2-layer MiniLM teacher, a 1-layer student, 128 tokens, stage 1 over 2 epochs, "
+             "a 2-layer MiniLM teacher, a 1-layer student, 128 tokens, stage 1 over 1.1 epochs, "
              f"{os.cpu_count()} CPUs; {time.time() - started:.0f} s in all. Spread: (max - min) / min of the "
              "marginal cost per text (seconds) or of the values (memory); slope: fitted per text (both genres).")
     result = {"setup": setup, "points": points, "analysis": analysis, "projections": projections(analysis),
