@@ -7,17 +7,19 @@ Each point is one whole `metakd-ray run` of a fresh output directory on a local 
 this benchmark starts (and stops), on the shipped MultiNLI text: two genres, N/2 labelled pairs per
 genre for the teacher and the students and N/2 more as the students' transfer set
 (`data.unlabelled_path`), so a student reads N texts; pairs are repeated with a numbered suffix to
-reach N. Stage 1 runs 1.1 epochs (stage 2 a quarter, batch 64), so `auto` caches the teacher's hidden states while they fit
-`distill.cache_budget_gb` (2 GB) and runs the teacher live past it. Models: the first 2 layers of
-MiniLM-L6 as the teacher, a 1-layer student (the cost per text of the shipped presets' MiniLM-L6 ->
-2 layers is about 3x, the bytes per text of a cache 5/3x); 128 tokens.
+reach N. Stage 1 runs 1.1 epochs (stage 2 a quarter, batch 64), so `auto` caches the teacher's
+hidden states while they fit `distill.cache_budget_gb` (0.5 GB here) and runs the teacher live
+past it. Models: a random BERT of MiniLM's vocabulary, 2 layers x 64 wide, as the teacher and its
+first layer as the student, so a 64k point takes minutes (what is measured is how the costs grow
+with N); 128 tokens. The two runs of the `mnli` preset (below) use the real MiniLM-L6 -> 2 layers.
 
-Measured per point: wall seconds of every stage (results.json), the peak RSS of every kind of
-process (sampled from /proc every 0.25 s: the driver, teacher workers, teacher-pass tasks,
-student tasks), the machine's used memory above its level before the run, the object store's
-peak, and the bytes on disk by directory. Per stage and process kind it fits cost = a + b·N and
-reports (cost - a)/N at every N (flat when the cost is linear), and it projects bytes and memory
-to full MultiNLI (393k pairs, 5 genres) and to 1M texts per domain from the fitted slopes.
+Measured per point: wall seconds of every stage (results.json); the peak RSS of every kind of
+process (sampled from /proc every 0.25 s: the driver, teacher workers, teacher-pass tasks, student
+tasks), in all and without shared pages (the object store's, which a process maps to read an
+object: counted once, apart); the machine's used memory above its level before the run; the object
+store's peak; the bytes on disk. Per series it fits cost = a + b·N and reports (cost - a)/N at
+every N (flat when the cost is linear), and it projects bytes and memory to full MultiNLI and to
+1M texts per domain for the mnli preset's model.
 
 Writes bench/results/scale.json and scale.md and prints the table. Reports, never asserts.
 """
@@ -86,16 +88,24 @@ def make_data(n: int) -> tuple[Path, Path]:
     return labelled, unlabelled
 
 
+TINY = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 256}
+
+
 def tiny_teacher() -> Path:
-    """The first 2 layers of the packaged MiniLM-L6, saved once."""
+    """A BERT of MiniLM's vocabulary and tokenizer, 2 layers x 64 wide (random weights, seed 0),
+    saved once: the grid measures what grows with N, and this keeps a 64k point to minutes."""
     path = WORK / "teacher"
     if not (path / "config.json").is_file():
-        from transformers import AutoTokenizer
+        import torch
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         from metakd_ray.config import model_path
-        from metakd_ray.models import load_encoder
 
-        load_encoder(model_path("minilm"), 2).save_pretrained(path)
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(model_path("minilm"))
+        for key, value in TINY.items():
+            setattr(config, key, value)
+        AutoModel.from_config(config).save_pretrained(path)
         AutoTokenizer.from_pretrained(model_path("minilm")).save_pretrained(path)
     return path
 
@@ -111,7 +121,7 @@ def write_config(n: int, mode: str, out: Path) -> Path:
         "model": {"teacher": str(tiny_teacher()), "student_layers": 1, "pooling": "mean"},
         "teacher": {"epochs": 0.25, "batch_size": 32, "lr": 5e-5, "eval_every": 100, "num_workers": 2},
         "distill": {"methods": ["meta_kd"], "stage1_epochs": 1.1, "stage2_epochs": 0.25, "batch_size": 64,
-                    "eval_every": 200, "teacher_signals": mode},
+                    "eval_every": 200, "teacher_signals": mode, "cache_budget_gb": 0.5},
         "tracking": {"experiment": f"scale-{n}-{mode}"},
     }
     path = out.parent / f"{out.name}.yaml"
@@ -124,23 +134,26 @@ def write_config(n: int, mode: str, out: Path) -> Path:
 
 
 class Sampler(threading.Thread):
-    """Peak RSS per process kind (max over processes of the kind), the machine's used memory and the
-    object store's use, sampled while a run goes on."""
+    """Peak RSS per process kind (max over processes of the kind), also without the shared pages
+    (the object store's, mapped into every process that reads an object: measured apart), the
+    machine's used memory and the object store's use, sampled while a run goes on."""
 
     def __init__(self, driver_pid: int, address: str, every: float = 0.25):
         super().__init__(daemon=True)
         self.driver, self.address, self.every = driver_pid, address, every
         self.peak = {"driver": 0, **{k: 0 for k in KINDS}}
+        self.private = dict(self.peak)
         self.used0, self.used_peak, self.store_peak = used_memory(), 0, 0
         self.stop = threading.Event()
 
     def run(self) -> None:
         last_store = 0.0
         while not self.stop.is_set():
-            for pid, title, rss in processes():
+            for pid, title, rss, private in processes():
                 kind = "driver" if pid == self.driver else next((k for k, p in KINDS.items() if p.match(title)), None)
                 if kind:
                     self.peak[kind] = max(self.peak[kind], rss)
+                    self.private[kind] = max(self.private[kind], private)
             self.used_peak = max(self.used_peak, used_memory() - self.used0)
             if time.time() - last_store > 2:
                 self.store_peak = max(self.store_peak, object_store_bytes(self.address))
@@ -154,11 +167,12 @@ def processes():
             continue
         try:
             title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            rss = next(int(line.split()[1]) * 1024 for line in (entry / "status").read_text().splitlines()
-                       if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
+            status = {line.split(":")[0]: line.split()[1] for line in (entry / "status").read_text().splitlines()
+                      if line.startswith(("VmRSS:", "RssShmem:"))}
+            rss = int(status["VmRSS"]) * 1024
+        except (OSError, KeyError):
             continue
-        yield int(entry.name), title, rss
+        yield int(entry.name), title, rss, rss - int(status.get("RssShmem", 0)) * 1024
 
 
 def used_memory() -> int:
@@ -237,6 +251,7 @@ def measure_run(command: list[str], out: Path, address: str) -> dict:
     results = json.loads((out / "results.json").read_text())
     line = next((l for l in text.splitlines() if l.startswith("[distill] teacher signals")), "")
     return {"wall_seconds": round(wall, 1), "stage_seconds": results["stage_seconds"], "peak_rss_bytes": sampler.peak,
+            "peak_private_bytes": sampler.private,
             "used_memory_rise_bytes": sampler.used_peak, "object_store_peak_bytes": sampler.store_peak,
             "disk_bytes": disk_bytes(out), "signals_line": line,
             "mean_dev_acc": float(np.mean([c["dev_acc"] for c in results["students"]["meta_kd"].values()]))}
@@ -282,6 +297,7 @@ def analyse(points: list[dict]) -> dict:
         series = {f"seconds/{s}": [p["stage_seconds"].get(s, 0.0) for p in rows] for s in rows[0]["stage_seconds"]}
         series["seconds/run"] = [p["wall_seconds"] for p in rows]
         series.update({f"rss/{k}": [p["peak_rss_bytes"][k] for p in rows] for k in rows[0]["peak_rss_bytes"]})
+        series.update({f"private/{k}": [p["peak_private_bytes"][k] for p in rows] for k in rows[0]["peak_private_bytes"]})
         series["disk/total"] = [sum(p["disk_bytes"].values()) for p in rows]
         series["memory/used rise"] = [p["used_memory_rise_bytes"] for p in rows]
         series["memory/object store"] = [p["object_store_peak_bytes"] for p in rows]
@@ -292,7 +308,7 @@ def analyse(points: list[dict]) -> dict:
                 a, b = fit(texts, values)
                 per = [(v - a) / t for v, t in zip(values, texts)]
                 entry.update(intercept=a, slope_per_text=b, marginal_per_text=per)
-                if name.startswith("rss/") or name.startswith("memory/"):
+                if name.startswith(("rss/", "private/", "memory/")):
                     entry["spread"] = (max(values) - min(values)) / max(1, min(values))
                 else:
                     positive = [x for x in per if x > 0]
@@ -302,19 +318,37 @@ def analyse(points: list[dict]) -> dict:
     return out
 
 
-def projections(analysis: dict) -> dict:
-    """Disk (fitted slope and intercept) and memory (the largest peak seen) at full MultiNLI and at
-    1M texts per domain, for the default mode."""
+PRESET = {"width": 384, "stored": 5, "classes": 3}  # the mnli preset: MiniLM-L6 -> 2 layers, layer map [3, 6]
+
+
+def projections(analysis: dict, points: list[dict], mnli: list[dict]) -> dict:
+    """Disk and memory at full MultiNLI and at 1M texts per domain (2 domains), for the mnli preset's
+    shape: the fitted bytes per text of `live` (what `auto` does past its budget) and of `cache`,
+    with the soft labels and hidden states rescaled from the grid's model (2 x 64, 3 stored layers)
+    to MiniLM's (H = 384, 5 stored layers); memory is the largest peak of each process kind in the
+    mnli preset runs (the grid shows it does not grow with N), the driver and two workers at once."""
+    tokens = [float(m.group(1)) * 1e3 / (3 * TINY["hidden_size"] * 2) for p in points
+              if (m := re.search(r"~(\d+) KB per text", p["signals_line"]))]
+    per_text_tokens = float(np.mean(tokens)) if tokens else 45.0
+    soft = lambda width: (PRESET["classes"] + 2 + width) * 4  # noqa: E731
+    rescale = {"live": soft(PRESET["width"]) - soft(TINY["hidden_size"]),
+               "cache": soft(PRESET["width"]) - soft(TINY["hidden_size"])
+               + per_text_tokens * 2 * (PRESET["stored"] * PRESET["width"] - 3 * TINY["hidden_size"])}
+    peaks = {}
+    for run in mnli:
+        for kind, value in run["peak_private_bytes"].items():
+            peaks[kind] = max(peaks.get(kind, 0), value)
+    at_once = peaks.get("driver", 0) + 2 * max([v for k, v in peaks.items() if k != "driver"] or [0])
     out = {}
-    for mode, a in analysis.items():
-        disk = a["series"]["disk/total"]
+    for mode, extra in rescale.items():
+        disk = analysis.get(mode, {}).get("series", {}).get("disk/total", {})
         if "slope_per_text" not in disk:
             continue
-        per = {}
-        for name, texts in (("full MultiNLI (392,702 pairs)", MNLI_FULL), ("1M texts per domain, 2 domains", 2_000_000)):
-            per[name] = {"disk_bytes": disk["intercept"] + disk["slope_per_text"] * texts,
-                         "peak_rss_bytes": {k[4:]: max(v["values"]) for k, v in a["series"].items() if k.startswith("rss/")}}
-        out[mode] = per
+        per_text = disk["slope_per_text"] + extra
+        out[mode] = {"bytes_per_text": per_text, "tokens_per_text": per_text_tokens,
+                     **{name: {"disk_bytes": disk["intercept"] + per_text * texts, "memory_bytes_at_once": at_once}
+                        for name, texts in (("full MultiNLI (392,702 pairs)", MNLI_FULL),
+                                            ("1M texts per domain, 2 domains", 2_000_000))}}
     return out
 
 
@@ -347,12 +381,13 @@ def markdown(result: dict) -> str:
         lines += [f"- {p['name']}, at the preset's own stage-1 length (`metakd-ray prepare`): "
                   f"`{p['preset_signals_line']}`" for p in result["mnli"]]
         lines.append("")
-    lines += ["## Projections (from the fitted slopes)", "", "| mode | data | disk GB | largest peak RSS per process |",
-              "|---|---|---|---|"]
+    lines += ["## Projections to the mnli preset's model (fitted bytes per text, rescaled; see projections())", "",
+              "| mode | data | bytes per text | disk GB | memory of the driver and two workers GB |", "|---|---|---|---|---|"]
     for mode, per in result["projections"].items():
         for name, p in per.items():
-            rss = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in p["peak_rss_bytes"].items() if v)
-            lines.append(f"| {mode} | {name} | {p['disk_bytes'] / 1e9:.1f} | {rss} |")
+            if isinstance(p, dict):
+                lines.append(f"| {mode} | {name} | {per['bytes_per_text'] / 1e3:.1f} KB | {p['disk_bytes'] / 1e9:.1f} | "
+                             f"{p['memory_bytes_at_once'] / 1e9:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -397,10 +432,10 @@ def main() -> None:
     analysis = analyse(points)
     setup = (f"`bench/scale.py --sizes {' '.join(map(str, args.sizes))} --modes {' '.join(args.modes)}`: "
              f"{len(GENRES)} MultiNLI genres, N/2 labelled + N/2 unlabelled (data.unlabelled_path) pairs per genre, "
-             "a 2-layer MiniLM teacher, a 1-layer student, 128 tokens, stage 1 over 1.1 epochs, "
+             "a 2 x 64 BERT teacher, a 1-layer student, 128 tokens, stage 1 over 1.1 epochs, "
              f"{os.cpu_count()} CPUs; {time.time() - started:.0f} s in all. Spread: (max - min) / min of the "
              "marginal cost per text (seconds) or of the values (memory); slope: fitted per text (both genres).")
-    result = {"setup": setup, "points": points, "analysis": analysis, "projections": projections(analysis),
+    result = {"setup": setup, "points": points, "analysis": analysis, "projections": projections(analysis, points, mnli),
               "mnli": mnli, "machine": machine_info()}
     md = markdown(result)
     print("\n" + md)

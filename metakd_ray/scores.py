@@ -20,13 +20,18 @@ def prototype_scores_per_class(emb: torch.Tensor, labels: torch.Tensor, domains:
     single domain the second term is 0.
     """
     protos, present = _prototypes(emb, labels, domains)
+    unit = F.normalize(protos, dim=-1)  # [K, C, D]
     t = torch.empty(len(emb), dtype=emb.dtype)
-    for i in range(len(emb)):
-        k, m = int(domains[i]), int(labels[i])
-        sims = F.cosine_similarity(emb[i].unsqueeze(0), protos[:, m], dim=-1)  # [K]
-        others = [kk for kk in range(protos.shape[0]) if kk != k and present[kk, m]]
-        other = sims[others].mean() if others else emb.new_zeros(())
-        t[i] = alpha * sims[k] + zeta * other
+    for start in range(0, len(emb), 8192):  # a block of rows at a time: [K, rows, D] stays small
+        rows = slice(start, start + 8192)
+        m, k = labels[rows].long(), domains[rows].long()
+        # cos(e_i, p_m^(k')) for every domain k': [rows, K]
+        sims = torch.einsum("nd,knd->nk", F.normalize(emb[rows], dim=-1), unit[:, m])
+        others = present[:, m].T.clone()  # the other domains that have class m
+        others[torch.arange(len(m)), k] = False
+        count = others.sum(1)
+        other = torch.where(count > 0, (sims * others).sum(1) / count.clamp(min=1), torch.zeros(len(m)))
+        t[rows] = (alpha * sims.gather(1, k.view(-1, 1)).squeeze(1) + zeta * other).to(emb.dtype)
     return t
 
 
