@@ -15,8 +15,9 @@ with N); 128 tokens. The two runs of the `mnli` preset (below) use the real Mini
 
 Measured per point: wall seconds of every stage (results.json); the peak RSS of every kind of
 process (sampled from /proc every 0.25 s: the driver, teacher workers, teacher-pass tasks, student
-tasks), in all and without shared pages (the object store's, which a process maps to read an
-object: counted once, apart); the machine's used memory above its level before the run; the object
+tasks), in all, without shared pages (the object store's, which a process maps to read an
+object: counted once, apart) and anonymous only (RssAnon, without libraries and memory-mapped
+caches); the machine's used memory above its level before the run; the object
 store's peak; the bytes on disk. Per series it fits cost = a + b·N and reports (cost - a)/N at
 every N (flat when the cost is linear), and it projects bytes and memory to full MultiNLI and to
 1M texts per domain for the mnli preset's model.
@@ -135,25 +136,28 @@ def write_config(n: int, mode: str, out: Path) -> Path:
 
 class Sampler(threading.Thread):
     """Peak RSS per process kind (max over processes of the kind), also without the shared pages
-    (the object store's, mapped into every process that reads an object: measured apart), the
-    machine's used memory and the object store's use, sampled while a run goes on."""
+    (the object store's, mapped into every process that reads an object: measured apart) and as
+    anonymous memory alone (RssAnon: the process's own heap, without the libraries and memory-mapped
+    files that the kernel can drop and re-read), the machine's used memory and the object store's
+    use, sampled while a run goes on."""
 
     def __init__(self, driver_pid: int, address: str, every: float = 0.25):
         super().__init__(daemon=True)
         self.driver, self.address, self.every = driver_pid, address, every
         self.peak = {"driver": 0, **{k: 0 for k in KINDS}}
-        self.private = dict(self.peak)
+        self.private, self.anon = dict(self.peak), dict(self.peak)
         self.used0, self.used_peak, self.store_peak = used_memory(), 0, 0
         self.stop = threading.Event()
 
     def run(self) -> None:
         last_store = 0.0
         while not self.stop.is_set():
-            for pid, title, rss, private in processes():
+            for pid, title, rss, private, anon in processes():
                 kind = "driver" if pid == self.driver else next((k for k, p in KINDS.items() if p.match(title)), None)
                 if kind:
                     self.peak[kind] = max(self.peak[kind], rss)
                     self.private[kind] = max(self.private[kind], private)
+                    self.anon[kind] = max(self.anon[kind], anon)
             self.used_peak = max(self.used_peak, used_memory() - self.used0)
             if time.time() - last_store > 2:
                 self.store_peak = max(self.store_peak, object_store_bytes(self.address))
@@ -168,11 +172,12 @@ def processes():
         try:
             title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             status = {line.split(":")[0]: line.split()[1] for line in (entry / "status").read_text().splitlines()
-                      if line.startswith(("VmRSS:", "RssShmem:"))}
+                      if line.startswith(("VmRSS:", "RssShmem:", "RssAnon:"))}
             rss = int(status["VmRSS"]) * 1024
         except (OSError, KeyError):
             continue
-        yield int(entry.name), title, rss, rss - int(status.get("RssShmem", 0)) * 1024
+        yield (int(entry.name), title, rss, rss - int(status.get("RssShmem", 0)) * 1024,
+               int(status.get("RssAnon", 0)) * 1024)
 
 
 def used_memory() -> int:
@@ -251,7 +256,7 @@ def measure_run(command: list[str], out: Path, address: str) -> dict:
     results = json.loads((out / "results.json").read_text())
     line = next((l for l in text.splitlines() if l.startswith("[distill] teacher signals")), "")
     return {"wall_seconds": round(wall, 1), "stage_seconds": results["stage_seconds"], "peak_rss_bytes": sampler.peak,
-            "peak_private_bytes": sampler.private,
+            "peak_private_bytes": sampler.private, "peak_anon_bytes": sampler.anon,
             "used_memory_rise_bytes": sampler.used_peak, "object_store_peak_bytes": sampler.store_peak,
             "disk_bytes": disk_bytes(out), "signals_line": line,
             "mean_dev_acc": float(np.mean([c["dev_acc"] for c in results["students"]["meta_kd"].values()]))}
@@ -298,6 +303,7 @@ def analyse(points: list[dict]) -> dict:
         series["seconds/run"] = [p["wall_seconds"] for p in rows]
         series.update({f"rss/{k}": [p["peak_rss_bytes"][k] for p in rows] for k in rows[0]["peak_rss_bytes"]})
         series.update({f"private/{k}": [p["peak_private_bytes"][k] for p in rows] for k in rows[0]["peak_private_bytes"]})
+        series.update({f"anon/{k}": [p["peak_anon_bytes"][k] for p in rows] for k in rows[0]["peak_anon_bytes"]})
         series["disk/total"] = [sum(p["disk_bytes"].values()) for p in rows]
         series["memory/used rise"] = [p["used_memory_rise_bytes"] for p in rows]
         series["memory/object store"] = [p["object_store_peak_bytes"] for p in rows]
@@ -308,7 +314,7 @@ def analyse(points: list[dict]) -> dict:
                 a, b = fit(texts, values)
                 per = [(v - a) / t for v, t in zip(values, texts)]
                 entry.update(intercept=a, slope_per_text=b, marginal_per_text=per)
-                if name.startswith(("rss/", "private/", "memory/")):
+                if name.startswith(("rss/", "private/", "anon/", "memory/")):
                     entry["spread"] = (max(values) - min(values)) / max(1, min(values))
                 else:
                     positive = [x for x in per if x > 0]

@@ -149,8 +149,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except MetaKDError as exc:
+        if args.verbose and exc.__cause__ is not None:
+            import traceback
+
+            traceback.print_exception(exc.__cause__)
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        import errno
+
+        # pyarrow's write errors carry the errno in their text only
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) and "No space left on device" not in str(exc):
+            raise
+        print(f"error: no space left on the device{f' writing {exc.filename}' if exc.filename else ''}: free some "
+              "(`metakd-ray clean OUTPUT_DIR` deletes a run's caches) and run the command again; what was "
+              "finished is kept", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return 130
@@ -212,6 +226,7 @@ def _presets(args) -> int:
     from pathlib import Path
 
     from metakd_ray.config import PRESET_DIR, preset_names
+    from metakd_ray.io import atomic_write_text
 
     if args.command == "presets":
         for name in preset_names():
@@ -224,8 +239,7 @@ def _presets(args) -> int:
     target = Path(args.file)
     if target.exists() and not args.force:
         raise MetaKDError(f"cp: {target} exists (pass --force to overwrite it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text((PRESET_DIR / f"{args.preset}.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    atomic_write_text(target, (PRESET_DIR / f"{args.preset}.yaml").read_text(encoding="utf-8"))
     print(f"wrote {target}: edit it, then `metakd-ray validate {target}`")
     return 0
 

@@ -86,19 +86,22 @@ def latest_checkpoint(storage: str, run_name: str) -> Path | None:
         if not directory.is_dir():  # Ray's checkpoint_manager_snapshot.json lives beside them
             continue
         info = read_json(directory / "state.json")
-        if info and _readable_checkpoint(directory):
+        if not info:
+            continue
+        if checkpoint_whole(directory):
             found.append((info["step"], directory))
+        else:
+            print(f"[teacher] checkpoint {directory} is incomplete or damaged; passing it over", flush=True)
     return max(found)[1] if found else None
 
 
-def _readable_checkpoint(directory: Path) -> bool:
-    """Both files present and whole: the safetensors header matches the file, the state is a zip."""
+def checkpoint_whole(directory: Path) -> bool:
+    """A teacher checkpoint's files are there and whole: the safetensors header matches the file,
+    the training state is a whole zip, the step is readable."""
     import zipfile
 
-    whole = safetensors_whole(directory / "model.safetensors") and zipfile.is_zipfile(directory / "training_state.pt")
-    if not whole:
-        print(f"[teacher] checkpoint {directory} is incomplete or damaged; passing it over", flush=True)
-    return whole
+    return (safetensors_whole(directory / "model.safetensors") and zipfile.is_zipfile(directory / "training_state.pt")
+            and bool(read_json(directory / "state.json")))
 
 
 # --------------------------------------------------------------------------- memory

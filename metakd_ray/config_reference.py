@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 
 from metakd_ray import config
+from metakd_ray.io import atomic_write_text
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
@@ -85,5 +86,5 @@ def undocumented() -> list[str]:
 
 if __name__ == "__main__":
     DOC.parent.mkdir(exist_ok=True)
-    DOC.write_text(reference(), encoding="utf-8")
+    atomic_write_text(DOC, reference())
     print(f"wrote {DOC}")

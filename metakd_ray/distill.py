@@ -34,12 +34,12 @@ from metakd_ray.cluster import init_ray, memory_reservation, prepare_device, res
 from metakd_ray.config import Config, model_path
 from metakd_ray.data.prepare import PreparedData, eval_sample, subsample_fraction
 from metakd_ray.data.split import Split, concat
-from metakd_ray.errors import MetaKDError
+from metakd_ray.errors import MetaKDError, cause_line
 from metakd_ray.general import general_path
 from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json
 from metakd_ray.methods import Method, method, teacher_name
 from metakd_ray.models import SAVE_FORMAT, build_student, count_parameters, load_model, save_model, write_model_card
-from metakd_ray.outputs import Store, fetch, student_dir, teacher_dir, teacher_outputs_path
+from metakd_ray.outputs import Store, fetch, finished, student_dir, teacher_dir, teacher_outputs_path
 from metakd_ray.signals import (CachedTargets, LiveTargets, PassSize, SignalPlan, TeacherSignals, plan, signals_ready,
                                 teacher_pass)
 from metakd_ray.terminal import start_console
@@ -364,10 +364,10 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
     for job in jobs:
         key = student_key(cfg, data, job, "+".join(t["key"] for t in job_teachers(cfg, job, teachers)), general_key)
         directory = student_dir(cfg, job.method, job.domain)
-        if store and (read_json(directory / "result.json") or {}).get("key") != key:
+        if store and not finished(directory, key):
             store.get(f"students/{job.method}/{job.domain}", directory)
-        done = read_json(directory / "result.json")
-        if done and done.get("key") == key:
+        if finished(directory, key):
+            done = read_json(directory / "result.json")
             results.setdefault(job.method, {})[job.domain] = done
             print(f"[distill] {job.method}/{job.domain}: already done (test {done['test_acc']:.4f}); skipping")
         else:
@@ -426,8 +426,8 @@ def run_students(cfg: Config, data: PreparedData, jobs: list[StudentJob], teache
             try:
                 out = ray.get(ref)
             except Exception as exc:  # RayTaskError wraps the task's exception
-                failures[job.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                run.finish("FAILED")
+                failures[job.name] = cause_line(exc)
+                run.fail()
                 board.finish(job.name)
                 print(f"[distill] FAILED {job.name} after retries: {failures[job.name]}", flush=True)
                 continue

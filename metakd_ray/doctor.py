@@ -1,4 +1,4 @@
-"""`metakd-ray doctor`: check a cluster and a config before a long run, one PASS/FAIL line per check.
+"""`metakd-ray doctor`: check a cluster and a config before a long run, one PASS, WARN or FAIL line per check.
 
     metakd-ray doctor quickstart                          # local Ray
     metakd-ray doctor amazon --address auto ray.storage_path=s3://bucket/metakd
@@ -111,7 +111,10 @@ def check_storage(cfg: Config) -> tuple[bool, str]:
     return True, f"storage {path} is writable"
 
 
-def check_mlflow(cfg: Config) -> tuple[bool, str]:
+WARN = "warn"  # a check that passes with something to fix
+
+
+def check_mlflow(cfg: Config) -> tuple[bool | str, str]:
     from mlflow import MlflowClient
 
     import ray
@@ -127,7 +130,24 @@ def check_mlflow(cfg: Config) -> tuple[bool, str]:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:
         return False, f"MLflow at {uri} is not reachable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    if uri.startswith(("http://", "https://")) and _answers_anyone(uri):
+        return WARN, (f"MLflow at {uri} answers without credentials: whoever reaches it can read and change "
+                      "every run; on a cluster network serve it with `mlflow server --app-name basic-auth` "
+                      "(clusters/aws.yaml does)")
     return True, f"MLflow at {uri} answers"
+
+
+def _answers_anyone(uri: str) -> bool:
+    """The tracking server lists experiments to a request that carries no credentials."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1",
+                                    timeout=10) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):  # 401/403 (HTTPError is a URLError) or not reachable
+        return False
 
 
 def check_model(cfg: Config) -> tuple[bool, str]:
@@ -162,6 +182,6 @@ def run_doctor(cfg: Config, address: str | None) -> bool:
             ok, detail = check()
         except Exception as exc:  # e.g. no Ray to ask: the check fails, the others still run
             ok, detail = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        ok_all &= ok
-        print(f"{'PASS' if ok else 'FAIL'}  {name:<8} {detail}", flush=True)
+        ok_all &= ok is not False
+        print(f"{'WARN' if ok is WARN else 'PASS' if ok else 'FAIL'}  {name:<8} {detail}", flush=True)
     return ok_all

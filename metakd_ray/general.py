@@ -358,7 +358,7 @@ def ensure_general(cfg: Config, data: PreparedData, parent: RunRef | None) -> di
         with relayed_console() as console:
             out = ray.get(task.remote(cfg, shipped, texts, run, console))
     except Exception:
-        run.finish("FAILED")
+        run.fail()
         raise
     result = dict(out["result"], key=key, run_id=run.run_id)
     directory = cfg.out / general_rel(key)

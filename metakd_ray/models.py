@@ -25,13 +25,15 @@ SAVE_FORMAT = "hf-metakd-1"
 
 def load_encoder(path: str, num_layers: int = 0):
     """A Hugging Face encoder with fp32 weights, whatever dtype its checkpoint was saved in
-    (transformers 5 would otherwise keep a float16 checkpoint in float16)."""
+    (transformers 5 would otherwise keep a float16 checkpoint in float16), running the plain torch
+    layers: hub kernels (default on from transformers 5.25) would be fetched at run time and re-applied
+    at every ``train()``/``eval()``."""
     from transformers import AutoModel
 
     quiet_transformers()
     kwargs = {"num_hidden_layers": num_layers} if num_layers else {}
     try:
-        return AutoModel.from_pretrained(path, dtype=torch.float32, **kwargs)
+        return AutoModel.from_pretrained(path, dtype=torch.float32, use_kernels=False, **kwargs)
     except Exception as exc:
         raise MetaKDError(f"cannot load model {path!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                           "expected a local Hugging Face model directory, a reachable hub id, or 'minilm'") from None
@@ -126,7 +128,7 @@ def load_model(directory: Path) -> tuple[MetaKDForSequenceClassification, dict]:
                           "or student directory, e.g. outputs/<name>/students/<method>/<domain>/model")
     quiet_transformers()
     try:
-        model = MetaKDForSequenceClassification.from_pretrained(directory, dtype=torch.float32)
+        model = MetaKDForSequenceClassification.from_pretrained(directory, dtype=torch.float32, use_kernels=False)
     except Exception as exc:
         raise MetaKDError(f"cannot load {directory} as a metakd-ray model ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:200]})") from None

@@ -10,8 +10,9 @@ The driver writes ``output_dir`` on its own node. With ``ray.storage_path`` set 
 node mounts, or ``s3://``/``gs://`` through pyarrow.fs), the same files are also written to
 ``<storage_path>/<output_dir name>/`` as soon as they are final: tasks on other nodes read the
 teachers and teacher outputs from there, and a job submitted to a cluster leaves its results where
-the user can fetch them. A directory in storage counts only once its ``_COMPLETE.json`` (written
-last, listing every file and its size) is there, and a download is checked against it.
+the user can fetch them. A directory in storage is uploaded as a new version beside the current one and counts only once its
+``_COMPLETE.json`` (written last, naming the version and every file's size and sha256) points at
+it; a download is checked against it, byte for byte.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import uuid
 from pathlib import Path
 
 from metakd_ray.config import Config
-from metakd_ray.io import atomic_dir, atomic_file, content_key, read_json
+from metakd_ray.io import atomic_dir, atomic_file, content_key, file_sha256, read_json, safetensors_whole
 
 COMPLETE = "_COMPLETE.json"
 SIGNALS_FORMAT = "signals-1"  # part of a teacher pass's key: a pass in an older layout is made again
@@ -40,9 +41,15 @@ def teacher_finished(directory: Path, key: str) -> bool:
 
 
 def finished(directory: Path, key: str) -> bool:
-    """``directory`` holds a finished output of ``key``: its ``result.json`` (written last) names the key."""
+    """``directory`` holds a finished output of ``key``: its ``result.json`` (written last) names the
+    key and every weights file in it is whole. A damaged one is reported (and made again)."""
     done = read_json(directory / "result.json")
-    return bool(done and done.get("key") == key)
+    if not (done and done.get("key") == key):
+        return False
+    damaged = [p for p in Path(directory).rglob("*.safetensors") if not safetensors_whole(p)]
+    if damaged:
+        print(f"[cache] {damaged[0]} is damaged (truncated or not safetensors); rebuilding {directory}", flush=True)
+    return not damaged
 
 
 def fetch(cfg: Config, rel: str, key: str) -> Path | None:
@@ -133,7 +140,12 @@ class Store:
         return f"{self.root}/{rel}"
 
     def put(self, local: Path, rel: str) -> None:
-        """Upload a file or a directory to ``rel``, replacing what was there."""
+        """Upload a file or a directory to ``rel``, replacing what was there.
+
+        A directory goes to a new version beside the current one (``rel/v-<id>/``); only then does
+        ``rel/_COMPLETE.json`` (one write, atomic on object stores too) name it, with every file's
+        size and sha256; the old version is deleted last. Whenever the upload stops, storage still
+        holds a whole, current copy."""
         import pyarrow.fs as pafs
 
         local = Path(local)
@@ -141,18 +153,21 @@ class Store:
         if local.is_file():
             self._write(target, local.read_bytes())
             return
-        self.fs.create_dir(target, recursive=True)
-        self._delete(f"{target}/{COMPLETE}")  # the old copy stops counting before it is replaced
-        self.fs.delete_dir_contents(target, missing_dir_ok=True)
-        sizes = {}
-        for path in sorted(p for p in local.rglob("*") if p.is_file()):
-            name = path.relative_to(local).as_posix()
-            sizes[name] = path.stat().st_size
-        pafs.copy_files(str(local), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
-        self._write(f"{target}/{COMPLETE}", json.dumps(sizes).encode())
+        version = f"v-{uuid.uuid4().hex[:12]}"
+        files = {path.relative_to(local).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
+                 for path in sorted(p for p in local.rglob("*") if p.is_file())}
+        self.fs.create_dir(f"{target}/{version}", recursive=True)
+        pafs.copy_files(str(local), f"{target}/{version}", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+        self._write(f"{target}/{COMPLETE}", json.dumps({"version": version, "files": files}).encode())
+        for old in self.fs.get_file_info(pafs.FileSelector(target)):
+            if old.type == pafs.FileType.Directory and old.base_name.startswith("v-") and old.base_name != version:
+                self.fs.delete_dir(old.path)
 
     def get(self, rel: str, local: Path) -> bool:
-        """Download ``rel`` to ``local`` (replacing it). False when it is absent, incomplete or damaged."""
+        """Download ``rel`` to ``local`` (replacing it). False when it is absent, incomplete or
+        damaged: a file whose size or sha256 differs from ``_COMPLETE.json`` is named and nothing
+        at ``local`` changes."""
         import pyarrow.fs as pafs
 
         source = self._path(rel)
@@ -165,19 +180,23 @@ class Store:
         if info.type != pafs.FileType.Directory:
             return False
         try:
-            sizes = json.loads(self._read(f"{source}/{COMPLETE}"))
-        except (OSError, ValueError):
+            complete = json.loads(self._read(f"{source}/{COMPLETE}"))
+            version, files = complete["version"], complete["files"]
+        except (OSError, ValueError, KeyError, TypeError):
             return False
         try:
             with atomic_dir(local) as tmp:
-                pafs.copy_files(source, str(tmp), source_filesystem=self.fs,
+                pafs.copy_files(f"{source}/{version}", str(tmp), source_filesystem=self.fs,
                                 destination_filesystem=pafs.LocalFileSystem())
-                (tmp / COMPLETE).unlink(missing_ok=True)
-                got = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
-                if got != sizes:
-                    raise _Damaged
-        except _Damaged:  # atomic_dir has left ``local`` as it was
-            print(f"[storage] {self.uri}/{rel} is damaged (its files do not match {COMPLETE}); not used", flush=True)
+                got = {p.relative_to(tmp).as_posix(): p for p in tmp.rglob("*") if p.is_file()}
+                bad = sorted(set(got) ^ set(files)) or [name for name, want in files.items()
+                                                        if got[name].stat().st_size != want["size"]
+                                                        or file_sha256(got[name]) != want["sha256"]]
+                if bad:
+                    raise _Damaged(bad)
+        except (_Damaged, OSError) as exc:  # atomic_dir has left ``local`` as it was
+            what = ", ".join(exc.args[0][:3]) if isinstance(exc, _Damaged) else str(exc).splitlines()[0][:120]
+            print(f"[storage] {self.uri}/{rel} is damaged ({what} differ from {COMPLETE}); not used", flush=True)
             return False
         return True
 

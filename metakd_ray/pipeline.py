@@ -18,7 +18,7 @@ import numpy as np
 from metakd_ray.config import Config
 from metakd_ray.data.prepare import prepare
 from metakd_ray.distill import StudentJob, run_students
-from metakd_ray.errors import MetaKDError
+from metakd_ray.errors import MetaKDError, RunFailed
 from metakd_ray.general import ensure_general
 from metakd_ray.io import atomic_write_json, text_table
 from metakd_ray.methods import METHODS, TEACHER_KINDS, method, teacher_name
@@ -120,7 +120,7 @@ def run_pipeline(cfg: Config, methods: list[str], fresh: bool = False, teachers_
              f"\"some text\"" if students else "")
           + (f"\na copy of teachers, students and results.json: {store.uri}" if store else ""))
     if failures:
-        raise MetaKDError(f"{len(failures)} student(s) failed after retries: "
+        raise RunFailed(f"{len(failures)} student(s) failed after retries: "
                           + "; ".join(f"{k}: {v}" for k, v in failures.items()))
     parent.finish()
     return results
@@ -137,8 +137,7 @@ def time_side_by_side(cfg: Config, data, teachers: dict, students: dict) -> dict
     same test example: {"teacher meta" | method: {"latency_ms": ..., "latency_b32_ms": ...}}.
 
     Each model's own figures were timed when it finished training, a student's with other students
-    training beside it, so ratios between them drift with the load (4.0x against 6.1x for the same
-    student). Models of one kind or method share their architecture, so one stands for all; each
+    training beside it, so ratios between them drift with the load. Models of one kind or method share their architecture, so one stands for all; each
     figure is the fastest of ``LATENCY_ROUNDS`` rounds, which interleave the models."""
     paths = {}
     for name, summary in teachers.items():

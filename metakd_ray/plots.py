@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from metakd_ray.io import atomic_file
+
 if TYPE_CHECKING:
     from metakd_ray.report import Setting
 
@@ -22,10 +24,11 @@ def _pyplot():
 
 
 def save_figure(fig, path: Path, dpi: int = 100) -> None:
-    """Lay out, write a PNG and free the figure."""
+    """Lay out, write a PNG (atomically: a reader never sees half a file) and free the figure."""
     plt = _pyplot()
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    with atomic_file(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
 
 

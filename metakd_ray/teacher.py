@@ -38,12 +38,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from metakd_ray import losses
-from metakd_ray.cluster import (autocast, init_ray, latest_checkpoint, memory_reservation, prepare_device, remove_run,
-                                resolve_precision, storage_path, task_device)
+from metakd_ray.cluster import (autocast, checkpoint_whole, init_ray, latest_checkpoint, memory_reservation,
+                                prepare_device, remove_run, resolve_precision, storage_path, task_device)
 from metakd_ray.config import Config, model_path
 from metakd_ray.data.prepare import PreparedData, eval_sample
 from metakd_ray.data.split import Split
-from metakd_ray.errors import MetaKDError
+from metakd_ray.errors import MetaKDError, RunFailed, cause_line
 from metakd_ray.io import atomic_dir, atomic_write_json, content_key, read_json
 from metakd_ray.methods import teacher_name
 from metakd_ray.modeling import MetaKDForSequenceClassification
@@ -90,14 +90,19 @@ def train_loop_per_worker(config: dict) -> None:
 
     # [3] Resume from the latest checkpoint if Ray restarted us (or the run is being resumed).
     step, best = 0, {"acc": -1.0, "step": 0}
-    # Ray's own checkpoint (a restarted worker group) is the newest; else an earlier run's, if any.
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
-    if checkpoint:
+    # Ray's own checkpoint (a restarted worker group) is the newest; else the furthest whole one an
+    # earlier run left (the driver checked it), if any. One that cannot be read is passed over.
+    candidates = [c for c in (ray.train.get_checkpoint(), config.get("resume_from")) if c]
+    for checkpoint in candidates:
+        if isinstance(checkpoint, str):
+            checkpoint = ray.train.Checkpoint.from_directory(checkpoint)
         with checkpoint.as_directory() as d:
+            if not checkpoint_whole(Path(d)):
+                say(f"[teacher] rank {rank}: checkpoint {checkpoint.path} is damaged; passing it over")
+                continue
             step, best = _load_training_state(Path(d), core, optimizer, scheduler, rank)
         say(f"[teacher] rank {rank} resumed at step {step}/{total_steps}")
+        break
     else:
         torch.manual_seed(config["seed"] + rank)
     if rank == 0 and step == 0:
@@ -128,7 +133,8 @@ def train_loop_per_worker(config: dict) -> None:
             if step % config["eval_every"] == 0 or step == total_steps:
                 throughput = window_samples / (time.perf_counter() - window_start)
                 metrics = {"step": step, "epoch": step / steps_per_epoch, "train/loss": loss.item(),
-                           "train/samples_per_s": throughput}
+                           "train/samples_per_s": throughput,
+                           "precision": resolve_precision(config["precision"], device)}  # what the workers used
                 checkpoint_dir = None
                 acc = sharded_accuracy(core, dev, domains, config["precision"], rank, world)
                 if rank == 0:
@@ -140,7 +146,7 @@ def train_loop_per_worker(config: dict) -> None:
                     checkpoint_dir = Path(tempfile.mkdtemp(prefix="metakd-ckpt-"))
                     _save_training_state(checkpoint_dir, core, optimizer, scheduler, step, best)
                     if run:
-                        run.log_metrics({k: v for k, v in metrics.items() if k not in ("step",)}, step)
+                        run.log_metrics({k: v for k, v in metrics.items() if k not in ("step", "precision")}, step)
                     say(f"[teacher] step {step}/{total_steps} loss {loss.item():.4f} val/acc "
                         f"{metrics['val/acc']:.4f} ({throughput:.1f} samples/s)")
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
@@ -183,8 +189,11 @@ def train_step(model, optimizer, scheduler, batch: dict, t: torch.Tensor, config
 def _save_training_state(directory: Path, model, optimizer, scheduler, step: int, best: dict) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               directory / "model.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state()}, directory / "training_state.pt")
+    rng = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available():  # dropout on a GPU draws from the CUDA generator
+        rng["cuda_rng"] = torch.cuda.get_rng_state()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng},
+               directory / "training_state.pt")
     (directory / "state.json").write_text(json.dumps({"step": step, "best": best}))
 
 
@@ -198,6 +207,8 @@ def _load_training_state(directory: Path, model, optimizer, scheduler, rank: int
     info = json.loads((directory / "state.json").read_text())
     if rank == 0:
         torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"])
     else:
         torch.manual_seed(info["step"] * 1000 + rank)
     return info["step"], info["best"]
@@ -356,9 +367,11 @@ def train_teacher(cfg: Config, data: PreparedData, scores: np.ndarray, kind: str
         with relayed_console() as console:
             config["console"] = console
             result = make_trainer(cfg, config, run_name, storage).fit()
-    except Exception:
-        run.finish("FAILED")
-        raise
+    except Exception as exc:
+        run.fail()
+        raise RunFailed(f"teacher {name}: training stopped after {cfg.teacher.max_failures} restart(s): "
+                        f"{cause_line(exc)}; its checkpoints in {storage} are kept, so the same command "
+                        "continues from the last whole one") from exc
 
     # [4] The best checkpoint becomes the teacher: evaluate it on every domain, save it atomically.
     model, best_metrics = load_best_teacher(cfg, data, result, kind, domain_ids)
@@ -371,7 +384,7 @@ def train_teacher(cfg: Config, data: PreparedData, scores: np.ndarray, kind: str
         "dev_mean_acc": float(np.mean([dev_acc[data.domains[i]] for i in domain_ids])),
         "per_domain": {d: {"dev_acc": dev_acc[d], "test_acc": test_acc[d]} for d in dev_acc},
         "samples_per_s": result.metrics.get("train/samples_per_s"),
-        "precision": resolve_precision(cfg.precision, torch.device("cuda" if cfg.teacher.use_gpu else "cpu")),
+        "precision": result.metrics.get("precision") or resolve_precision(cfg.precision, torch.device("cpu")),
         "params": count_parameters(model),
         **measure_latency(model, data.splits["test"].for_domains(eval_ids)),
     }

@@ -146,6 +146,17 @@ class RunRef:
     def finish(self, status: str = "FINISHED") -> None:
         self.client().set_terminated(self.run_id, status)
 
+    def fail(self) -> None:
+        """Mark the run FAILED, on the way out of an error: a store that cannot take the write (the
+        disk that stopped the stage is full) is reported, never raised over the error itself."""
+        try:
+            with _quiet("mlflow", logging.CRITICAL):  # its own logged traceback of the same failure
+                self.finish("FAILED")
+        except Exception as exc:
+            from metakd_ray.errors import cause_line
+
+            print(f"[mlflow] run {self.run_id} could not be marked FAILED: {cause_line(exc)[:200]}", flush=True)
+
 
 def _share_local_copy(model_dir: Path, artifact_location: str) -> None:
     """A local MLflow store keeps a second copy of the model's files (the pyfunc's
@@ -180,8 +191,16 @@ def experiment_id(cfg: Config) -> str:
     from mlflow import MlflowClient
 
     uri = tracking_uri(cfg)
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    try:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    except Exception as exc:  # a damaged sqlite file, a server that is down: the store cannot be used
+        from metakd_ray.errors import MetaKDError, cause_line
+
+        where = "it is damaged or not an MLflow store; move it aside (its runs are not rebuilt) or" \
+            if uri.startswith("sqlite:") else "is the server up? Or"
+        raise MetaKDError(f"MLflow store {uri} cannot be opened ({cause_line(exc)[:160]}): {where} set "
+                          "tracking.tracking_uri / $MLFLOW_TRACKING_URI to another store") from None
     if exp is not None:
         return exp.experiment_id
     # A local store keeps artifacts beside it, not in ./mlruns of whatever directory we run from.
@@ -198,8 +217,8 @@ def open_run(cfg: Config, key: str, name: str, stage: str, parent: RunRef | None
     from mlflow import MlflowClient
 
     uri = tracking_uri(cfg)
+    exp_id = experiment_id(cfg)  # first: a store that cannot be opened is one line
     client = MlflowClient(uri)
-    exp_id = experiment_id(cfg)
     found = client.search_runs([exp_id], filter_string=f"tags.`{KEY}` = '{key}'", max_results=1,
                                order_by=["attributes.start_time DESC"])
     if found:
@@ -255,12 +274,12 @@ def _working_directory(directory: str):
 
 
 @contextlib.contextmanager
-def _quiet(logger: str):
+def _quiet(logger: str, below: int = logging.ERROR):
     """MLflow's INFO lines ("Started monitoring system metrics", ...) and its note on how models are
     serialised are for MLflow's own users."""
     log = logging.getLogger(logger)
     level = log.level
-    log.setLevel(logging.ERROR)
+    log.setLevel(below)
     try:
         yield
     finally:

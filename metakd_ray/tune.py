@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -321,7 +320,14 @@ def sweep(cfg: Config, space_path: str, trials: int, concurrency: int, resume: b
     if resume and not tune.Tuner.can_restore(f"{tune_dir}/tuner"):
         raise MetaKDError(f"--resume: no restorable sweep in {tune_dir}/tuner")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(space.path, sweep_dir / "space.yaml")
+    atomic_write_text(sweep_dir / "space.yaml", space.path.read_text(encoding="utf-8"))
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")
+    except Exception as exc:  # a damaged study file
+        from metakd_ray.errors import cause_line
+
+        raise MetaKDError(f"sweep {name}: the Optuna study {sweep_dir / 'optuna.db'} cannot be opened "
+                          f"({cause_line(exc)[:160]}); start a new sweep with --name") from None
 
     # [1] Everything trials share is computed once, here.
     data = prepare(cfg, quiet=True)
@@ -354,7 +360,6 @@ def sweep(cfg: Config, space_path: str, trials: int, concurrency: int, resume: b
         trainable = tune.with_resources(trainable, {"CPU": 0.01})  # the workers hold the real resources
 
     # [2] Searcher (persisted Optuna study) and scheduler.
-    storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")
     metrics, modes = ([metric, "latency_ms"], ["max", "min"]) if multi else (metric, "max")
     searcher = PersistentOptunaSearch(space=space.optuna(), metric=metrics, mode=modes, study_name=name,
                                       storage=storage, seed=cfg.seed,

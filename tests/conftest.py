@@ -92,6 +92,8 @@ def ray_local():
     """A real local Ray for the module, shut down whatever happens."""
     import ray
 
+    if ray.is_initialized():  # started by an in-process `metakd-ray` command of an earlier module
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     try:

@@ -154,3 +154,32 @@ def test_precision_auto_is_fp32_on_cpu_and_bad_values_are_named(prepared, capsys
     assert main(["validate", "quickstart", "precision=fp16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "precision" in err[0] and "bf16" in err[0]
+
+
+def test_bf16_teacher_and_student_steps_run_on_a_cpu(prepared, tmp_path):
+    """precision=bf16 is autocast on a CPU too: a teacher step and a student (both stages, cached
+    hidden states) train there, their forward passes in bfloat16 and their weights fp32."""
+    from metakd_ray.cluster import autocast
+    from metakd_ray.training import forward
+
+    cfg, data, scores = prepared
+    model = build_teacher(cfg.model.teacher, data.labels, data.domains)
+    settings = dict(loop_settings(cfg, data, "meta"), precision="bf16")
+    optimizer, scheduler = make_optimizer(model, 1e-4, 0.01, 10, 0.1)
+    index = np.arange(8)
+    b = batch_at(data.splits["train"], index)
+    before = model.classifier.weight.detach().clone()
+    loss, _, _ = train_step(model, optimizer, scheduler, b, torch.tensor(scores[index]), settings, 0, 0)
+    assert torch.isfinite(loss) and not torch.equal(before, model.classifier.weight)
+    assert model.classifier.weight.dtype == torch.float32
+    with autocast(torch.device("cpu"), "bf16"):
+        assert forward(model, b).logits.dtype == torch.bfloat16
+
+    cfg.precision = "bf16"
+    save_model(model, tmp_path / "teacher", {"kind": "meta"})
+    dd = domain_data(cfg, data, "books", scores)
+    teacher_pass(cfg, dd.rows(), dd.row_scores(), model, True, tmp_path / "t")
+    out = distill_student(cfg, dd, StudentJob("meta_kd", "books"), tmp_path / "teacher", TeacherSignals(tmp_path / "t"),
+                          log=lambda *_: None)
+    assert out["result"]["precision"] == "bf16" and out["result"]["steps"] == 12
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in out["model"].parameters())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import AMAZON, MNLI, slice_reviews
+from conftest import AMAZON, MNLI, REPO, slice_reviews
 from metakd_ray.cli import main
 from metakd_ray.config import load_config
 
@@ -118,6 +118,15 @@ def test_generic_csv_loader(tmp_path, capsys):
     assert code == 0, err
     counts = json.loads((tmp_path / "out" / "splits.json").read_text())["counts"]
     assert counts["a"]["train"]["total"] + counts["a"]["dev"]["total"] + counts["a"]["test"]["total"] == 30
+    # each row kept its own text, label and domain from the renamed columns
+    from metakd_ray.data.split import read_split
+
+    stored = [r for s in ("train", "dev", "test")
+              for r in read_split(next((tmp_path / "out" / "cache").glob(f"data-*/{s}.arrow"))).table.to_pylist()]
+    assert len(stored) == 60
+    for r in stored:
+        i = int(r["text"].rsplit(" ", 1)[1])
+        assert (r["label"], r["domain"]) == (i % 2, "a" if i < 30 else "b")
 
 
 def test_own_data_template_prepares_a_real_csv(tmp_path, capsys):
@@ -195,6 +204,14 @@ def test_validate_prints_resolved_config_with_overrides(capsys):
     ("distill.methods=[meta_kd,magic]", ["distill.methods", "magic"]),
     ("teacher=3", ["teacher", "expected a mapping"]),
     ("noequals", ["override", "key=value"]),
+    ("data.format=xml", ["data.format", "expected one of", "amazon"]),
+    ("data.domains=[]", ["data.domains", "at least one"]),
+    ("data.domains=[books,books]", ["data.domains", "duplicate"]),
+    ("data.labels=[negative,negative]", ["data.labels", "two distinct"]),
+    ("data.max_length=1024", ["data.max_length", "512"]),
+    ("distill.cache_teacher_targets=false", ["distill.cache_teacher_targets", "distill.teacher_signals"]),
+    ("distill.teacher_signals=disk", ["distill.teacher_signals", "auto, cache, live"]),
+    ("distill.cache_budget_gb=-1", ["distill.cache_budget_gb", ">= 0"]),
 ])
 def test_bad_config_values(capsys, override, needles):
     code, _, err = run_cli(capsys, "validate", "quickstart", *override.split(" "))
@@ -439,3 +456,88 @@ def test_bad_unlabelled_rows_are_one_error_line(tmp_path, capsys, tiny_amazon, n
         (tmp_path / name).write_bytes(b"not parquet at all")
     code, _, err = run_cli(capsys, "prepare", _reviews_config(tmp_path, tiny_amazon, name))
     assert_one_error(code, err, *needles)
+
+
+# --------------------------------------------------------------------------- more bad input, each one error line
+
+
+def _reviews(tmp_path, fmt: str, body: str) -> str:
+    (tmp_path / f"d.{fmt}").write_text(body)
+    return _table_config(tmp_path, fmt, f"d.{fmt}")
+
+
+def test_malformed_jsonl_line_and_empty_csv_text(tmp_path, capsys):
+    good = [json.dumps({"text": f"t{i}", "label": "good", "domain": "a" if i < 20 else "b"}) for i in range(40)]
+    code, _, err = run_cli(capsys, "prepare", _reviews(tmp_path, "jsonl", "\n".join(good[:7] + ['{"text": "t7",'] + good[8:])))
+    assert_one_error(code, err, "d.jsonl", "jsonl")
+    rows = ["text,label,domain"] + [f"t{i},good,{'a' if i < 20 else 'b'}" for i in range(40)]
+    rows[4] = ",good,a"
+    code, _, err = run_cli(capsys, "prepare", _reviews(tmp_path, "csv", "\n".join(rows)))
+    assert_one_error(code, err, "d.csv row 4", "empty")
+
+
+def test_mnli_label_outside_the_set(tmp_path, capsys):
+    d = tmp_path / "mnli"
+    d.mkdir()
+    lines = (MNLI / "mnli_val.tsv").read_text().splitlines()[:200]
+    fields = lines[9].split("\t")
+    lines[9] = "\t".join(fields[:2] + ["maybe"] + fields[3:])
+    (d / "val.tsv").write_text("\n".join(lines))
+    code, _, err = run_cli(capsys, "prepare", "mnli", f"data.root={tmp_path}", "data.path=mnli",
+                           f"output_dir={tmp_path / 'out'}")
+    assert_one_error(code, err, "val.tsv line 10", "'maybe'", "label set")
+
+
+def test_predict_and_export_refuse_what_is_not_a_model_or_a_text_file(tmp_path, capsys):
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "notes.txt").write_text("hello")
+    for args in (["predict", str(tmp_path / "not-a-model"), "some text"], ["export", str(tmp_path / "not-a-model")]):
+        code, _, err = run_cli(capsys, *args)
+        assert_one_error(code, err, "not-a-model")
+    model = tmp_path / "model"
+    from metakd_ray.config import model_path
+    from metakd_ray.models import build_student, save_model
+
+    save_model(build_student("minilm", "", 1, 384, ["negative", "positive"], ["books"]), model, {"kind": "student"},
+               tokenizer_from=model_path("minilm"), max_length=32)
+    code, _, err = run_cli(capsys, "predict", str(model), "--file", str(tmp_path / "missing.txt"))
+    assert_one_error(code, err, "missing.txt", "no such file")
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    code, _, err = run_cli(capsys, "predict", str(model), "--file", str(tmp_path / "broken.jsonl"))
+    assert_one_error(code, err, "broken.jsonl", "cannot read it as jsonl")
+    code, _, err = run_cli(capsys, "predict", str(model), "--file", str(tmp_path / "notes.csv"))
+    assert_one_error(code, err, "notes.csv", "no such file")
+
+
+def test_sweep_bad_trials_resume_reuse_and_a_damaged_study(tmp_path, capsys, tiny_config):
+    space = str(REPO / "tune_spaces" / "distill.yaml")
+    config = str(tiny_config())
+    code, _, err = run_cli(capsys, "sweep", config, "--space", space, "--trials", "0")
+    assert_one_error(code, err, "--trials")
+    code, _, err = run_cli(capsys, "sweep", config, "--space", space, "--name", "none", "--resume")
+    assert_one_error(code, err, "--resume", "no restorable sweep")
+    from metakd_ray.config import load_config
+
+    sweep = load_config(config).out / "sweeps" / "taken"
+    sweep.mkdir(parents=True)
+    code, _, err = run_cli(capsys, "sweep", config, "--space", space, "--name", "taken")
+    assert_one_error(code, err, "already exists", "--resume", "--name")
+    (sweep / "tune" / "tuner").mkdir(parents=True)
+    (sweep / "tune" / "tuner" / "tuner.pkl").write_bytes(b"")  # restorable as far as Tune's check goes
+    (sweep / "optuna.db").write_bytes(b"this is not a sqlite file" * 100)
+    before = (sweep / "optuna.db").read_bytes()
+    code, _, err = run_cli(capsys, "sweep", config, "--space", space, "--name", "taken", "--resume")
+    assert_one_error(code, err, "optuna.db", "cannot be opened")
+    assert (sweep / "optuna.db").read_bytes() == before  # nothing overwritten
+
+
+def test_a_damaged_mlflow_store_is_one_line_and_left_as_it_is(tmp_path, capsys, tiny_config):
+    from metakd_ray.config import load_config
+
+    config = str(tiny_config())
+    store = load_config(config).out / "mlflow.db"
+    store.parent.mkdir(parents=True)
+    store.write_bytes(b"not an MLflow store " * 500)
+    code, _, err = run_cli(capsys, "run", config)
+    assert_one_error(code, err, "mlflow.db", "cannot be opened", "move it aside")
+    assert store.read_bytes() == b"not an MLflow store " * 500
