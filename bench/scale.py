@@ -1,7 +1,8 @@
 """How a run's time, memory and disk grow with its data: a grid of texts per domain x teacher-signal mode.
 
-    .venv/bin/python bench/scale.py                       # 1k, 4k, 16k, 64k texts per domain x auto, cache, live
+    .venv/bin/python bench/scale.py                       # auto at 1k, 4k, 16k, 64k texts per domain; cache, live to 4k
     .venv/bin/python bench/scale.py --sizes 1000 4000 --modes auto
+    .venv/bin/python bench/scale.py --cap-size 64000      # every mode at every size
 
 Each point is one whole `metakd-ray run` of a fresh output directory on a local Ray cluster that
 this benchmark starts (and stops), on the shipped MultiNLI text: two genres, N/2 labelled pairs per
@@ -268,7 +269,7 @@ def measure_run(command: list[str], out: Path, address: str) -> dict:
 MNLI_RUNS = (("mnli, 2 genres, cache", ["data.domains=[fiction,government]", "teacher.epochs=0.05",
                                         "distill.teacher_signals=cache"]),
              ("mnli, 5 genres, live", ["teacher.epochs=0.02", "distill.teacher_signals=live"]))
-MNLI_CUT = ["distill.stage1_epochs=0.016", "distill.stage2_epochs=0.016"]
+MNLI_CUT = ["distill.stage1_epochs=0.016", "distill.stage2_epochs=0.016", "distill.no_kd_epochs=0.016"]
 
 
 def run_mnli(name: str, overrides: list[str], address: str) -> dict:
@@ -315,7 +316,7 @@ def analyse(points: list[dict]) -> dict:
                 per = [(v - a) / t for v, t in zip(values, texts)]
                 entry.update(intercept=a, slope_per_text=b, marginal_per_text=per)
                 if name.startswith(("rss/", "private/", "anon/", "memory/")):
-                    entry["spread"] = (max(values) - min(values)) / max(1, min(values))
+                    entry["spread"] = (max(values) - min(values)) / min(values) if min(values) > 0 else None
                 else:
                     positive = [x for x in per if x > 0]
                     entry["spread"] = (max(positive) / min(positive) - 1) if len(positive) == len(per) else None
@@ -402,6 +403,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000, 64000],
                         help="texts per domain (each student reads this many)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--cap-size", type=int, default=4000, metavar="N",
+                        help="run the modes other than auto only at sizes up to N (auto alone goes past the cache budget)")
     parser.add_argument("--keep", action="store_true", help="keep each run's output directory (default: deleted)")
     parser.add_argument("--no-mnli", action="store_true", help="leave out the two runs of the mnli preset")
     args = parser.parse_args()
@@ -416,9 +419,29 @@ def main() -> None:
     points = []
     started = time.time()
     signal.signal(signal.SIGTERM, lambda *_: (stop_cluster(), sys.exit(143)))
+
+    def save() -> str:
+        """The results so far, so an interrupted benchmark keeps every point it finished."""
+        setup = (f"`bench/scale.py --sizes {' '.join(map(str, args.sizes))} --modes {' '.join(args.modes)} "
+                 f"--cap-size {args.cap_size}`: "
+                 f"{len(GENRES)} MultiNLI genres, N/2 labelled + N/2 unlabelled (data.unlabelled_path) pairs per genre, "
+                 "a 2 x 64 BERT teacher, a 1-layer student, 128 tokens, stage 1 over 1.1 epochs, "
+                 f"{os.cpu_count()} CPUs; {time.time() - started:.0f} s in all. Spread: (max - min) / min of the "
+                 "marginal cost per text (seconds) or of the values (memory); slope: fitted per text (both genres).")
+        analysis = analyse(points)
+        result = {"setup": setup, "points": points, "analysis": analysis,
+                  "projections": projections(analysis, points, mnli), "mnli": mnli, "machine": machine_info()}
+        md = markdown(result)
+        atomic_write_json(RESULTS / "scale.json", result)
+        atomic_write_text(RESULTS / "scale.md", md)
+        return md
+
+    mnli: list[dict] = []
     try:
         for n in args.sizes:
             for mode in args.modes:
+                if mode != "auto" and n > args.cap_size:
+                    continue
                 print(f"[scale] {n:,} texts per domain, teacher_signals={mode}", flush=True)
                 points.append(run_point(n, mode, address))
                 p = points[-1]
@@ -427,26 +450,16 @@ def main() -> None:
                       flush=True)
                 if not args.keep:
                     shutil.rmtree(WORK / "runs" / f"{n}-{mode}", ignore_errors=True)
-        mnli = []
+                save()
         for name, overrides in () if args.no_mnli else MNLI_RUNS:
             print(f"[scale] {name}", flush=True)
             mnli.append(run_mnli(name, overrides, address))
             print(f"[scale]   used memory +{mnli[-1]['used_memory_rise_bytes'] / 1e9:.1f} GB, disk "
                   f"{sum(mnli[-1]['disk_bytes'].values()) / 1e9:.2f} GB", flush=True)
+            save()
     finally:
         stop_cluster()
-    analysis = analyse(points)
-    setup = (f"`bench/scale.py --sizes {' '.join(map(str, args.sizes))} --modes {' '.join(args.modes)}`: "
-             f"{len(GENRES)} MultiNLI genres, N/2 labelled + N/2 unlabelled (data.unlabelled_path) pairs per genre, "
-             "a 2 x 64 BERT teacher, a 1-layer student, 128 tokens, stage 1 over 1.1 epochs, "
-             f"{os.cpu_count()} CPUs; {time.time() - started:.0f} s in all. Spread: (max - min) / min of the "
-             "marginal cost per text (seconds) or of the values (memory); slope: fitted per text (both genres).")
-    result = {"setup": setup, "points": points, "analysis": analysis, "projections": projections(analysis, points, mnli),
-              "mnli": mnli, "machine": machine_info()}
-    md = markdown(result)
-    print("\n" + md)
-    atomic_write_json(RESULTS / "scale.json", result)
-    atomic_write_text(RESULTS / "scale.md", md)
+    print("\n" + save())
     print(f"wrote {RESULTS / 'scale.json'} and scale.md")
 
 

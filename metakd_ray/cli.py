@@ -27,7 +27,7 @@ import os
 import sys
 
 from metakd_ray.errors import MetaKDError, did_you_mean
-from metakd_ray.terminal import quiet_environment
+from metakd_ray.terminal import bound_heap, quiet_environment
 
 
 def _epilog() -> str:
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         os.environ["METAKD_VERBOSE"] = "1"
     quiet_environment()
+    bound_heap()
     try:
         return _dispatch(args)
     except MetaKDError as exc:

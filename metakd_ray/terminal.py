@@ -6,13 +6,15 @@ warnings from Ray's C++ core) would bury the pipeline's progress. What the user 
 sent to a ``Console`` actor and printed by the driver. ``--verbose`` streams everything as well.
 
 Imports neither torch nor Ray at module level, so the command line can set the quiet environment
-before anything that reads it is imported.
+(and the heap's policy, ``bound_heap``) before anything that reads it is imported.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 
 
 class Console:
@@ -96,6 +98,17 @@ def worker_env() -> dict[str, str]:
     else:
         env["MLFLOW_LOGGING_LEVEL"] = "WARNING"
     return env
+
+
+def bound_heap() -> None:
+    """Make the driver give back the memory it frees. glibc raises its mmap threshold after the first
+    large frees, so later batches' buffers come from the heap, which cannot shrink while small live
+    objects sit between them: the driver's peak RSS then grows with the data it embeds and sends. A
+    fixed trim threshold keeps the 128 KB mmap threshold. Workers keep glibc's default: mapping every
+    large buffer afresh slows their training steps by a fifth or more."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
 
 
 def quiet_environment() -> None:
