@@ -419,6 +419,7 @@ def main() -> None:
     points = []
     started = time.time()
     signal.signal(signal.SIGTERM, lambda *_: (stop_cluster(), sys.exit(143)))
+    machine = machine_info()
 
     def save() -> str:
         """The results so far, so an interrupted benchmark keeps every point it finished."""
@@ -430,7 +431,7 @@ def main() -> None:
                  "marginal cost per text (seconds) or of the values (memory); slope: fitted per text (both genres).")
         analysis = analyse(points)
         result = {"setup": setup, "points": points, "analysis": analysis,
-                  "projections": projections(analysis, points, mnli), "mnli": mnli, "machine": machine_info()}
+                  "projections": projections(analysis, points, mnli), "mnli": mnli, "machine": machine}
         md = markdown(result)
         atomic_write_json(RESULTS / "scale.json", result)
         atomic_write_text(RESULTS / "scale.md", md)
